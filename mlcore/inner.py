@@ -1,0 +1,248 @@
+"""The one differentiable inner loop shared by MAML, FOMAML, Meta-SGD, MAML++ and ANIL.
+
+Given meta-parameters θ (a ``dict[str, Tensor]``) and one task's support set (x, y), K steps of
+gradient descent give the adapted parameters (Finn et al. 2017, eq. 1, iterated):
+
+    θ_0 = θ,        θ_{k+1} = θ_k − α_k ⊙ ∇_θ L_support(θ_k),        k = 0 … K−1
+
+Notation:
+
+=================  ==============  =========================================================
+code               paper           meaning
+=================  ==============  =========================================================
+``params``         θ               meta-parameters (the initialisation being meta-learned)
+``inner_lr``       α               inner (task-level) learning rate; see "learning rates" below
+``inner_steps``    K               number of inner gradient steps
+``first_order``    —               FOMAML: treat ∇L_support(θ_k) as a constant (drop the Hessian)
+``adapt``          —               names of the parameters that move (ANIL: the head only)
+=================  ==============  =========================================================
+
+Learning rates: a number (MAML); a dict name → tensor shaped like the parameter or a scalar
+(Meta-SGD, Li et al. 2017, where α is learned); or a sequence of K such dicts/numbers, one per
+step (MAML++'s per-layer per-step learning rates, Antoniou et al. 2019). Tensors may require
+grad: the adapted parameters are differentiable functions of them.
+
+Gradients are taken with ``torch.func.grad``, which composes with ``torch.func.vmap`` (tasks batched)
+and with ordinary autograd (the outer, meta-gradient). The adapted parameters stay functions of θ,
+so back-propagating the query loss through them yields the exact second-order meta-gradient,
+∇_θ L_query(θ_K) = Π_k (I − α H_k) ∇ L_query(θ_K), computed with Hessian-vector products only.
+``first_order=True`` detaches the inner gradient in exactly one place below; everything else is
+identical, so FOMAML differs from MAML by exactly the Hessian terms.
+
+Nothing here swaps weights through ``.data``, ``load_state_dict`` or ``deepcopy``: the network is
+always called with ``torch.func.functional_call`` on the parameter dict.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .tasks import TaskBatch
+
+__all__ = ["inner_loop", "query_losses", "resolve_strategy", "InnerLR", "LossFn", "InnerLoopDivergedError",
+           "check_params", "raise_if_diverged", "STRATEGIES"]
+
+STRATEGIES = ("auto", "loop", "vmap")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_Rate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+InnerLR = Union[_Rate, Sequence[_Rate]]
+
+
+class InnerLoopDivergedError(FloatingPointError):
+    """The adapted parameters or the loss became inf/NaN (usually: the inner learning rate is too large)."""
+
+
+def check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Raise unless ``params`` names exactly the model's parameters, with matching shapes.
+
+    A partial dict would make ``functional_call`` silently fall back to the module's own weights,
+    and no meta-gradient would reach them.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> Tensor (e.g. dict(model.named_parameters())), "
+                        f"got {type(params).__name__}")
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(params))
+    unknown = sorted(set(params) - set(expected))
+    if missing or unknown:
+        raise KeyError(f"params must name exactly the model's parameters; missing {missing[:5]}"
+                       f"{'…' if len(missing) > 5 else ''}, unknown {unknown[:5]}{'…' if len(unknown) > 5 else ''}")
+    for name, p in params.items():
+        if p.shape != expected[name].shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(p.shape)} but the model's parameter has "
+                             f"{tuple(expected[name].shape)}")
+
+
+def _check_rate(value: object, where: str) -> None:
+    if isinstance(value, Tensor):
+        return  # learned rates (Meta-SGD, MAML++) may take any value; they are the optimiser's business
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a number or a Tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} must be a positive finite number, got {value!r}")
+
+
+def _rates_per_step(inner_lr: InnerLR, inner_steps: int, names: Collection[str]) -> list[dict[str, float | Tensor]]:
+    """Resolve any accepted form of ``inner_lr`` into one dict name → rate per step, validating it."""
+    if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, (str, bytes)):
+        if len(inner_lr) != inner_steps:
+            raise ValueError(f"inner_lr has one entry per step, so it needs inner_steps={inner_steps} entries, "
+                             f"got {len(inner_lr)}")
+        per_step = list(inner_lr)
+    else:
+        per_step = [inner_lr] * inner_steps
+    resolved = []
+    for k, rate in enumerate(per_step):
+        if isinstance(rate, Mapping):
+            absent = sorted(set(names) - set(rate))
+            if absent:
+                raise KeyError(f"inner_lr (step {k}) has no rate for adapted parameters {absent[:5]}; "
+                               f"give one per adapted parameter")
+            for name in names:
+                _check_rate(rate[name], f"inner_lr[{name!r}] (step {k})")
+            resolved.append({name: rate[name] for name in names})
+        else:
+            _check_rate(rate, "inner_lr" if inner_steps == 1 or k == 0 else f"inner_lr (step {k})")
+            resolved.append(dict.fromkeys(names, rate))
+    return resolved
+
+
+def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
+               inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+               adapt: Collection[str] | None = None) -> list[dict[str, Tensor]]:
+    """Adapt ``params`` to one task's support set; return the whole trajectory [θ_0, θ_1, …, θ_K].
+
+    Args:
+        model: the network; called as ``functional_call(model, θ_k, (x,))``.
+        params: θ, a dict holding every parameter of ``model``.
+        x, y: the support set of ONE task, x (n_support, *feature_shape), y (n_support, …).
+        loss_fn: ``loss_fn(outputs, y) -> scalar``, e.g. ``F.cross_entropy`` or ``F.mse_loss``.
+        inner_lr: α (see the module docstring for the accepted forms).
+        inner_steps: K ≥ 0 (K = 0 returns [θ]).
+        first_order: drop second-order terms (FOMAML).
+        adapt: names of the parameters that take inner steps; the others stay fixed (and still carry
+            the meta-gradient of whatever depends on them). ``None`` adapts all.
+
+    Works for a single task and inside ``torch.func.vmap`` over tasks (with ``params`` unbatched), and
+    under ``torch.no_grad()`` (``torch.func.grad`` ignores an outer no_grad), for evaluation.
+    """
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+    names = list(params) if adapt is None else [n for n in params if n in set(adapt)]
+    if adapt is not None and len(names) != len(set(adapt)):
+        raise KeyError(f"adapt names parameters the model does not have: {sorted(set(adapt) - set(params))[:5]}")
+    if not names and inner_steps > 0:
+        raise ValueError("adapt selects no parameter, so the inner loop would change nothing")
+    rates = _rates_per_step(inner_lr, inner_steps, names)
+
+    def support_loss(moving: dict[str, Tensor], fixed: dict[str, Tensor]) -> Tensor:
+        return loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y)
+
+    grad_fn = torch.func.grad(support_loss)
+    trajectory = [dict(params)]
+    theta = dict(params)
+    for k in range(inner_steps):
+        moving = {n: theta[n] for n in names}
+        fixed = {n: t for n, t in theta.items() if n not in moving}
+        grads = grad_fn(moving, fixed)
+        if first_order:  # FOMAML: the one and only place where second-order terms are dropped
+            grads = {n: g.detach() for n, g in grads.items()}
+        theta = {**theta, **{n: moving[n] - rates[k][n] * grads[n] for n in names}}
+        trajectory.append(theta)
+    return trajectory
+
+
+def raise_if_diverged(value: Tensor, *, inner_lr: InnerLR, inner_steps: int, what: str = "meta-loss") -> None:
+    """Raise :class:`InnerLoopDivergedError` with advice when ``value`` holds inf or NaN (one device sync)."""
+    if not bool(torch.isfinite(value).all()):
+        lr = inner_lr if isinstance(inner_lr, (int, float)) else "the given rates"
+        raise InnerLoopDivergedError(
+            f"The {what} is not finite after {inner_steps} inner step(s) with inner_lr={lr}: the inner loop "
+            f"diverged. Use a smaller inner_lr (or fewer inner_steps); pass check_finite=False to get the "
+            f"non-finite value back instead of this error.")
+
+
+def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> str:
+    """Pick how tasks are batched: ``"loop"`` (one task after another) or ``"vmap"`` (all at once).
+
+    ``"auto"``: vmap on a GPU (one kernel launch for the whole meta-batch instead of one per task);
+    on a CPU, vmap for networks without convolutions and loop for convolutional ones — on a 2-core CPU,
+    batched convolutions under vmap measured slower than the per-task loop (``python -m mlcore.bench``).
+    Models holding ``torch.nn`` batch-norm layers always get ``"loop"``: under vmap their affine form
+    returns a wrong second-order meta-gradient without any error; use ``Conv4(norm="batch")``, whose
+    :class:`~mlcore.models.BatchStatNorm2d` is exact under vmap.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    torch_bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if strategy == "vmap" and torch_bn:
+        raise ValueError(
+            f"strategy='vmap' with torch.nn batch-norm layers {torch_bn[:3]}: vmap over tasks returns a WRONG "
+            f"second-order meta-gradient through nn.BatchNorm2d's affine parameters, silently. Use "
+            f"mlcore.models.BatchStatNorm2d (Conv4(norm='batch')) or strategy='loop'.")
+    if strategy != "auto":
+        return strategy
+    if torch_bn:
+        return "loop"
+    if device.type == "cuda":
+        return "vmap"
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if has_conv else "vmap"
+
+
+def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+                 inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+                 adapt: Collection[str] | None = None, eval_steps: Sequence[int] | None = None,
+                 strategy: str = "auto", chunk_size: int | None = None,
+                 return_outputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Adapt to every task of ``tasks`` and return the query losses, differentiable w.r.t. ``params``.
+
+    Returns a (meta_batch,) tensor of L_query(θ_K) per task, or (meta_batch, len(eval_steps)) holding
+    L_query(θ_k) for each k in ``eval_steps`` (MAML++'s multi-step loss needs k = 1 … K). With
+    ``return_outputs`` also the network's query outputs after the last inner step,
+    (meta_batch, n_query, *output_shape), for accuracies.
+
+    ``strategy``: ``"loop"``, ``"vmap"`` or ``"auto"`` (see :func:`resolve_strategy`). ``chunk_size``
+    (vmap only) bounds memory by vmapping over at most that many tasks at a time; on a GPU smaller
+    chunks trade speed for peak memory.
+    """
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
+    check_params(model, params)
+    steps = [inner_steps] if eval_steps is None else list(eval_steps)
+    if any(not isinstance(k, int) or not 0 <= k <= inner_steps for k in steps) or not steps:
+        raise ValueError(f"eval_steps must be integers in 0..inner_steps={inner_steps}, got {eval_steps!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    how = resolve_strategy(strategy, model, tasks.device)
+    if chunk_size is not None and how != "vmap":
+        raise ValueError(f"chunk_size applies to strategy='vmap' only (resolved strategy: {how!r})")
+
+    def one_task(theta: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor):
+        trajectory = inner_loop(model, theta, xs, ys, loss_fn=loss_fn, inner_lr=inner_lr,
+                                inner_steps=inner_steps, first_order=first_order, adapt=adapt)
+        outputs = {k: functional_call(model, trajectory[k], (xq,)) for k in set(steps)}
+        losses = torch.stack([loss_fn(outputs[k], yq) for k in steps])  # (len(steps),)
+        return losses, outputs[steps[-1]]
+
+    params = dict(params)
+    data = (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)
+    if how == "loop":
+        results = [one_task(params, *(t[i] for t in data)) for i in range(tasks.meta_batch)]
+        losses = torch.stack([r[0] for r in results])          # (B, len(steps))
+        outputs = torch.stack([r[1] for r in results])         # (B, n_query, ...)
+    else:
+        batched = torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0))
+        size = chunk_size or tasks.meta_batch
+        parts = [batched(params, *(t[i:i + size] for t in data)) for i in range(0, tasks.meta_batch, size)]
+        losses = torch.cat([p[0] for p in parts])
+        outputs = torch.cat([p[1] for p in parts])
+    if eval_steps is None:
+        losses = losses[:, 0]
+    return (losses, outputs) if return_outputs else losses
