@@ -1,0 +1,98 @@
+"""The reusable half of every chapter's setup cell.
+
+Every chapter notebook starts with the same first code cell (``book/quickstart.ipynb`` holds the
+reference copy)::
+
+    import sys
+    REPO_URL = "https://github.com/mlcore-book/meta-learning-book"   # == _config.yml repository.url
+    if "google.colab" in sys.modules:  # Colab: install mlcore from the book's repository
+        %pip install -q "mlcore @ git+https://github.com/mlcore-book/meta-learning-book@main"
+    from mlcore.notebook import setup
+    device = setup(seed=0)
+
+``setup`` makes a chapter's stored outputs reproducible on the CPU (CI re-runs every notebook with
+``pytest --nbval`` and compares the printed text with what is committed) and picks the GPU when the
+reader has one (Colab). It touches process-wide state on purpose -- the global random generators
+that ``nn.Module`` initialisation and ``random``/``numpy`` calls draw from, and matplotlib's defaults --
+which is right for a notebook and wrong for a library: mlcore's own functions never call it, they
+take a ``torch.Generator`` argument instead.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+import mlcore
+
+__all__ = ["setup", "FIGURE_DPI"]
+
+#: Resolution of every figure in the book (inline PNGs and saved files alike).
+FIGURE_DPI = 100
+
+
+def setup(seed: int = 0, *, device: str | torch.device | None = None, verbose: bool = True) -> torch.device:
+    """Seed the global generators, fix figure defaults and return the device to compute on.
+
+    Args:
+        seed: seeds Python's ``random``, NumPy's legacy global generator and torch's CPU and CUDA
+            generators (model initialisation draws from torch's). Chapters still pass an explicit
+            ``torch.Generator`` to samplers, so that the tasks do not depend on what ran before.
+        device: ``None`` picks ``cuda`` when a GPU is visible, else ``cpu``; pass ``"cpu"`` to force
+            the CPU (for example to compare with the stored CPU outputs while on a GPU).
+        verbose: print one line naming the versions and the device.
+
+    Returns:
+        The ``torch.device`` to put models and tasks on.
+
+    The line printed reads ``mlcore 0.1.0 · torch 2.13.0+cpu · device cpu``. CI's sanitize file
+    (``nbval_sanitize.cfg``) masks the two version numbers, so a version bump does not force
+    re-executing every chapter; the device stays compared (CI runs on the CPU).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"setup: seed must be a non-negative integer, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "setup: device='cuda' was asked for but torch sees no GPU. In Colab choose "
+            "Runtime → Change runtime type → GPU, then run the notebook again; locally, omit device."
+        )
+
+    _figure_defaults()
+    if verbose:
+        print(f"mlcore {mlcore.__version__} · torch {torch.__version__} · device {device}")
+    return device
+
+
+def _figure_defaults() -> None:
+    """Deterministic, legible matplotlib defaults (skipped when matplotlib is not installed).
+
+    matplotlib is an optional dependency of mlcore (the ``plots`` extra); a notebook that plots
+    imports it anyway and then fails with its own clear ImportError.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.rcParams.update({
+        "figure.dpi": FIGURE_DPI,          # the inline backend's PNG size; fixed so pages look alike
+        "savefig.dpi": FIGURE_DPI,
+        "figure.figsize": (6.4, 3.6),
+        "figure.autolayout": False,
+        "figure.constrained_layout.use": True,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "font.size": 10,
+        "legend.frameon": False,
+        "image.cmap": "viridis",
+        "animation.embed_limit": 20.0,  # MB; to_jshtml() animations larger than this are cut
+    })

@@ -1,0 +1,137 @@
+"""The book's structure: table of contents, setup cells, Colab metadata and stored outputs.
+
+These run in a plain `pytest` (no kernel, no build): they read _toc.yml, _config.yml and the notebooks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+
+
+def _load_run_notebook():
+    """scripts/run_notebook.py owns the one parser of _toc.yml; import it from its path."""
+    spec = importlib.util.spec_from_file_location("run_notebook", ROOT / "scripts" / "run_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_notebook = _load_run_notebook()
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC_FILES = run_notebook.toc_files(ROOT)
+TOC_NOTEBOOKS = [p for p in TOC_FILES if p.suffix == ".ipynb" and p.exists()]
+REPO_URL = CONFIG["repository"]["url"]
+BRANCH = CONFIG["repository"]["branch"]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+
+
+# --- table of contents ----------------------------------------------------------------------------
+
+def test_every_toc_entry_exists() -> None:
+    missing = [_rel(p) for p in TOC_FILES if not p.is_file()]
+    assert not missing, f"_toc.yml names files that do not exist: {missing} (entries omit the suffix)"
+
+
+def test_every_page_in_book_is_in_the_toc() -> None:
+    pages = {p for p in BOOK.rglob("*") if p.suffix in (".md", ".ipynb")
+             and not {".ipynb_checkpoints", "_build"} & set(p.parts)}
+    listed = set(TOC_FILES)
+    unlisted = sorted(_rel(p) for p in pages - listed)
+    assert not unlisted, (
+        f"pages in book/ missing from _toc.yml: {unlisted}. Add a `- file: book/<name>` line (no suffix) "
+        f"to _toc.yml, or move the file out of book/ (only_build_toc_files would silently skip it)."
+    )
+
+
+def test_toc_has_no_duplicates() -> None:
+    seen = [_rel(p) for p in TOC_FILES]
+    assert len(seen) == len(set(seen)), f"_toc.yml lists a file twice: {seen}"
+
+
+def test_config_renders_committed_outputs() -> None:
+    assert CONFIG["execute"]["execute_notebooks"] == "off", (
+        "execute_notebooks must stay 'off': nbval verifies the committed outputs in CI and the site "
+        "renders exactly those (see the comment in _config.yml)")
+    assert CONFIG["only_build_toc_files"] is True
+
+
+def test_repository_and_colab_button_are_configured() -> None:
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", REPO_URL), REPO_URL
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert BRANCH == "main"
+
+
+# --- every chapter notebook -----------------------------------------------------------------------
+
+notebook_params = pytest.mark.parametrize("path", TOC_NOTEBOOKS, ids=[p.name for p in TOC_NOTEBOOKS])
+
+
+def test_toc_lists_notebooks() -> None:
+    assert TOC_NOTEBOOKS, "_toc.yml lists no notebook: the nbval stage would check nothing"
+
+
+@notebook_params
+def test_first_code_cell_is_the_setup_cell(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    cells = _code_cells(nb)
+    assert cells, f"{_rel(path)} has no code cell"
+    src = cells[0].source
+    where = f"{_rel(path)}: the first code cell must be the setup cell copied from book/quickstart.ipynb"
+    url = re.search(r'^REPO_URL\s*=\s*"([^"]+)"', src, re.MULTILINE)
+    assert url, f"{where} (no REPO_URL = \"...\" line)"
+    assert url.group(1) == REPO_URL, (
+        f"{where}: REPO_URL is {url.group(1)!r} but _config.yml repository.url is {REPO_URL!r}")
+    assert re.search(r'^if "google\.colab" in sys\.modules:', src, re.MULTILINE), (
+        f"{where} (mlcore must be installed only in Colab: `if \"google.colab\" in sys.modules:`)")
+    pip = re.search(r'^\s+%pip install -q "mlcore(\[[\w,]+\])? @ git\+(\S+?)@([\w./-]+)"\s*$', src, re.MULTILINE)
+    assert pip, f"{where} (no `%pip install -q \"mlcore @ git+{{REPO_URL}}@{BRANCH}\"` line under the Colab check)"
+    assert pip.group(2) in ("{REPO_URL}", REPO_URL), f"{where}: pip installs from {pip.group(2)!r}"
+    assert pip.group(3) == BRANCH, f"{where}: pip installs branch {pip.group(3)!r}, _config.yml says {BRANCH!r}"
+    assert re.search(r"^from mlcore\.notebook import setup$", src, re.MULTILINE), where
+    assert re.search(r"^device = setup\(seed=\d+\)$", src, re.MULTILINE), f"{where} (device = setup(seed=...))"
+
+
+@notebook_params
+def test_colab_gpu_metadata(path: Path) -> None:
+    meta = nbformat.read(path, as_version=4).metadata
+    assert meta.get("kernelspec", {}).get("name") == "python3", f"{_rel(path)}: kernelspec name must be python3"
+    assert meta.get("accelerator") == "GPU", f'{_rel(path)}: notebook metadata needs "accelerator": "GPU"'
+    assert meta.get("colab", {}).get("gpuType"), f'{_rel(path)}: notebook metadata needs "colab": {{"gpuType": "T4"}}'
+
+
+@notebook_params
+def test_no_error_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []):
+            assert output.output_type != "error", (
+                f"{_rel(path)} cell {index} stores an error ({output.get('ename')}: {output.get('evalue')}). "
+                f"Fix it and re-run `python scripts/run_notebook.py {_rel(path)}`; to show an error on "
+                f"purpose, catch it and print it.")
+
+
+@notebook_params
+def test_outputs_are_stored_from_one_top_to_bottom_run(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    cells = _code_cells(nb)
+    counts = [c.execution_count for c in cells]
+    hint = f"store fresh outputs with `python scripts/run_notebook.py {_rel(path)}`"
+    assert any(c.outputs for c in cells), f"{_rel(path)} has no stored outputs: {hint}"
+    assert counts == list(range(1, len(cells) + 1)), (
+        f"{_rel(path)}: execution counts {counts} are not 1..{len(cells)} (cells not run top to bottom "
+        f"in one fresh kernel): {hint}")

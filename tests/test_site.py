@@ -1,0 +1,268 @@
+"""Browser check of the built site (_build/html), offline, in Debian's headless Chromium.
+
+`make test` runs this after building the book, with MLCORE_REQUIRE_SITE=1: then a missing site or
+browser is a failure. In a plain `pytest` run without a built site (or without Chromium) it skips.
+
+For every page in _toc.yml it checks that MathJax typeset the math and no raw TeX is left, every image
+loaded, no cell output shows an error, nothing was requested from outside the local server, the
+browser logged no errors, and (for notebooks) that the Colab launch button and the download button
+point at the right notebook. Screenshots go to _build/screenshots/<page>.png for a person to look at.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "_build" / "html"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+REQUIRED = os.environ.get("MLCORE_REQUIRE_SITE") == "1"
+
+# The flags of /work/shared/TOOLCHAIN.md: without the background-networking ones Chromium keeps trying
+# to reach Google's hosts, which this machine's closed network refuses.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,900"]
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (MLCORE_REQUIRE_SITE=1: `make test` needs the site and the browser)")
+    pytest.skip(reason)
+
+
+def _toc_files() -> list[Path]:
+    spec = importlib.util.spec_from_file_location("run_notebook", ROOT / "scripts" / "run_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.toc_files(ROOT)
+
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+PAGES = [p.relative_to(ROOT) for p in _toc_files()]   # e.g. book/quickstart.ipynb
+NOTEBOOK_PAGES = [p for p in PAGES if p.suffix == ".ipynb"]
+PAGES_WITH_MATH = {Path("book/intro.md"), Path("book/quickstart.ipynb")}
+
+
+def _html(page: Path) -> str:
+    return str(page.with_suffix(".html"))
+
+
+def _colab_url(page: Path) -> str:
+    repo = urlparse(CONFIG["repository"]["url"]).path.strip("/")        # org/name
+    return (f"{CONFIG['launch_buttons']['colab_url'].rstrip('/')}/github/{repo}/blob/"
+            f"{CONFIG['repository']['branch']}/{page.as_posix()}")
+
+
+# --- fixtures: a local server and one browser for the whole module --------------------------------
+
+@pytest.fixture(scope="module")
+def server():
+    if not (SITE / "index.html").is_file():
+        _unavailable(f"no built site at {SITE} (run `make book`)")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep pytest's output readable
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        _unavailable("Debian's chromium and chromium-driver are not installed "
+                     "(`apt-get install chromium chromium-driver`, or `make browser`)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"          # Selenium Manager must never download anything
+    profile = tempfile.mkdtemp(prefix="mlcore-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(60)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+# JavaScript run in the page once it has loaded: wait for MathJax's first typeset and for every image
+# (to_jshtml players set their <img> src from a script), then measure what the tests assert.
+MEASURE_JS = r"""
+const done = arguments[arguments.length - 1];
+const t0 = Date.now();
+function sleep(ms) { return new Promise(r => setTimeout(r, ms)); }
+(async () => {
+  let mathjax = "not on page";
+  if (document.querySelector('script[src*="mathjax"]')) {
+    while (!(window.MathJax && MathJax.startup && MathJax.startup.promise) && Date.now() - t0 < 30000) await sleep(100);
+    if (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) mathjax = "not loaded after 30 s";
+    else try { await MathJax.startup.promise; mathjax = "typeset"; } catch (e) { mathjax = "error: " + e; }
+  }
+  const imgs = [...document.images];
+  for (const img of imgs) img.scrollIntoView();
+  while (imgs.some(i => !i.complete || !i.getAttribute("src")) && Date.now() - t0 < 30000) await sleep(100);
+  window.scrollTo(0, 0);
+  const article = document.querySelector("article") || document.body;
+  const prose = article.cloneNode(true);
+  prose.querySelectorAll("pre, code, script, style, mjx-container, .cell_input, .highlight, .cell_output")
+       .forEach(e => e.remove());
+  const outputs = [...article.querySelectorAll(".cell_output, .output")];
+  done({
+    url: location.href,
+    title: document.title,
+    mathjax: mathjax,
+    mathjaxSrc: (document.querySelector('script[src*="mathjax"]') || {}).src || null,
+    mjx: document.querySelectorAll("mjx-container").length,
+    mathErrors: document.querySelectorAll("mjx-merror, .MathJax_Error").length,
+    images: imgs.map(i => ({src: (i.getAttribute("src") || "").slice(0, 80), w: i.naturalWidth, ok: i.complete})),
+    prose: prose.textContent,
+    tracebacks: article.querySelectorAll(".traceback, .output.error, .output_error").length,
+    outputText: outputs.map(o => o.textContent).join("\n"),
+    stderr: [...article.querySelectorAll(".output.stderr")].map(o => o.textContent),
+    colab: [...document.querySelectorAll('a[href*="colab.research.google.com"]')].map(a => a.href),
+    downloads: [...document.querySelectorAll('a[href$=".ipynb"], a[href*="_sources/"]')].map(a => a.href),
+    citations: article.querySelectorAll('[role="doc-biblioentry"]').length,
+    widgetState: document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]').length,
+    widgetViews: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
+    widgetsRendered: document.querySelectorAll(".jupyter-widgets, .widget-container, .widget-inline-hbox").length,
+    height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight),
+  });
+})();
+"""
+
+
+@pytest.fixture(scope="module")
+def visit(server, browser):
+    """visit(page) → measurements of that page (each page is loaded once per module)."""
+    cache: dict[Path, dict] = {}
+
+    def load(page: Path) -> dict:
+        if page not in cache:
+            browser.get_log("performance")                     # drop entries of earlier pages
+            browser.get_log("browser")
+            browser.get(f"{server}/{_html(page)}")
+            data = browser.execute_async_script(MEASURE_JS)
+            data["requests"] = _requested_urls(browser.get_log("performance"))
+            data["console"] = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            browser.set_window_size(1280, min(max(int(data["height"]), 900), 12000))
+            browser.save_screenshot(str(SCREENSHOTS / f"{page.stem}.png"))
+            browser.set_window_size(1280, 900)
+            cache[page] = data
+        return cache[page]
+
+    return load
+
+
+def _requested_urls(performance_log: list[dict]) -> list[str]:
+    urls = []
+    for entry in performance_log:
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+page_params = pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+def test_index_redirects_to_the_introduction(server, browser) -> None:
+    browser.get(f"{server}/index.html")
+    assert browser.current_url.endswith("/" + _html(PAGES[0])), browser.current_url
+
+
+@page_params
+def test_page_loads_only_local_resources(page, visit, server) -> None:
+    data = visit(page)
+    assert data["title"] and "404" not in data["title"], data["title"]
+    local = (server, "data:", "blob:", "about:", "chrome:", "chrome-extension:")  # chrome: = browser UI
+    foreign = [u for u in data["requests"] if not u.startswith(local)]
+    assert not foreign, f"{page} requested resources outside the local site (offline site broken): {foreign}"
+    errors = [e["message"] for e in data["console"] if "favicon.ico" not in e["message"]]
+    assert not errors, f"{page}: the browser console logged errors: {errors}"
+
+
+@page_params
+def test_math_is_typeset(page, visit, server) -> None:
+    data = visit(page)
+    if page in PAGES_WITH_MATH:
+        assert data["mathjax"] == "typeset", f"{page}: MathJax {data['mathjax']}"
+        assert data["mathjaxSrc"].startswith(server + "/third_party/mathjax/"), data["mathjaxSrc"]
+        assert data["mjx"] > 0, f"{page}: no mjx-container elements: the math was not typeset"
+    assert data["mathjax"] in ("typeset", "not on page"), f"{page}: MathJax {data['mathjax']}"
+    assert data["mathErrors"] == 0, f"{page}: MathJax reported {data['mathErrors']} TeX errors"
+    prose = data["prose"]
+    raw = re.findall(r"\$\$|\\begin\{|\\(?:frac|mathcal|mathbb|nabla|theta|alpha|sin)\b", prose)
+    assert not raw, f"{page}: raw TeX left in the text (MathJax did not process it): {raw[:5]}"
+
+
+@page_params
+def test_every_image_loaded(page, visit) -> None:
+    data = visit(page)
+    broken = [i for i in data["images"] if not (i["ok"] and i["w"] > 0)]
+    assert not broken, f"{page}: images that did not load: {broken}"
+
+
+@page_params
+def test_no_cell_output_shows_an_error(page, visit) -> None:
+    data = visit(page)
+    assert data["tracebacks"] == 0, f"{page}: {data['tracebacks']} error output(s) rendered"
+    bad = re.findall(r"Traceback \(most recent call last\)|\w+Error: ", data["outputText"])
+    assert not bad, f"{page}: cell outputs show errors: {bad[:5]}"
+    assert not [s for s in data["stderr"] if "Error" in s or "Traceback" in s], data["stderr"]
+
+
+@page_params
+def test_widgets_render_when_present(page, visit) -> None:
+    data = visit(page)
+    if data["widgetViews"]:
+        assert data["widgetState"], f"{page}: widget views but no saved widget state"
+        assert data["widgetsRendered"] > 0, f"{page}: ipywidgets state is saved but no widget rendered"
+
+
+@pytest.mark.parametrize("page", NOTEBOOK_PAGES, ids=[p.stem for p in NOTEBOOK_PAGES])
+def test_notebook_launch_and_download_buttons(page, visit, server) -> None:
+    data = visit(page)
+    assert data["colab"] == [_colab_url(page)], (
+        f"{page}: the Colab launch button should open {_colab_url(page)}, found {data['colab']}")
+    source = f"{server}/_sources/{page.as_posix()}"
+    assert source in data["downloads"], f"{page}: no download link to {source}; found {data['downloads']}"
+    with urllib.request.urlopen(source) as response:
+        notebook = json.load(response)
+    assert notebook["cells"], f"{source} is not the notebook"
+
+
+def test_references_page_lists_the_bibliography(visit) -> None:
+    data = visit(Path("book/references.md"))
+    entries = len(re.findall(r"^@\w+\{", (ROOT / "references.bib").read_text(), re.MULTILINE))
+    assert data["citations"] == entries, (
+        f"book/references.md lists {data['citations']} works, references.bib has {entries}")
+    assert "model-agnostic meta-learning" in data["prose"].lower()
