@@ -1,0 +1,310 @@
+"""The one reusable training loop of mlcore: progress bar, metric history, resumable checkpoints.
+
+The loop knows nothing about meta-learning. The caller writes one meta-update as a closure,
+
+    def step_fn(step: int) -> dict[str, float]:
+        tasks = sampler.sample(meta_batch, k_shot, n_query, generator=g)
+        loss = meta_loss(model, params, tasks, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
+        opt.zero_grad(); loss.backward(); opt.step()
+        return {"loss": loss.item()}
+
+    history = meta_train(step_fn, n_steps=10_000, state={"params": params, "opt": opt, "tasks": g},
+                         checkpoint="runs/sine.pt")
+    plt.plot(history.steps, history["loss"])
+
+and :func:`meta_train` calls it for steps 0 … n_steps−1, records what it returns, shows a tqdm bar with
+the latest metrics, and every ``checkpoint_every`` steps writes ``state``, the step and the history to
+``checkpoint`` (atomically: a crash mid-write leaves the previous checkpoint intact). Calling it again
+with the same checkpoint resumes after the last saved step, with everything in ``state`` restored, so
+that a resumed run reproduces the uninterrupted run exactly.
+
+What ``state`` may hold (name → object), and how each is saved and restored:
+
+==========================================  ==========================================================
+object                                      restored by
+==========================================  ==========================================================
+``Tensor``                                  copying the values into the SAME tensor (in place)
+dict / list of any of these                 recursively, entry by entry (same keys / length)
+``torch.Generator``                         ``get_state`` / ``set_state``
+optimiser, scheduler, ``nn.Module``…        ``state_dict`` / ``load_state_dict``
+number, string, bool, None                  replacing the entry in its dict or list: read it back
+                                            through ``state[...]`` after the call
+==========================================  ==========================================================
+
+Tensors are restored in place because an optimiser holds references to them: a new tensor would be
+invisible to it. The global torch RNG states (CPU, and CUDA when initialised) are saved and restored
+too, so code that draws from them (dropout, ``torch.randn`` without a generator) also resumes exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+__all__ = ["History", "meta_train", "save_checkpoint", "load_checkpoint", "CheckpointMismatchError"]
+
+FORMAT = "mlcore.train/1"
+StepFn = Callable[[int], Mapping[str, Any]]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the ``state`` it is restored into (other keys, shapes or kinds)."""
+
+
+class History:
+    """Metrics of a training run: ``history["loss"]`` is a list aligned with ``history.steps``.
+
+    ``wall_time[i]`` is the training time in seconds at the end of ``steps[i]``, summed over resumed
+    sessions. A metric that a step did not return is recorded as nan there (e.g. a validation accuracy
+    computed every 100 steps); :meth:`series` drops those gaps.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.wall_time: list[float] = []
+        self.metrics: dict[str, list[float]] = {}
+
+    def append(self, step: int, metrics: Mapping[str, float], wall_time: float) -> None:
+        for name in metrics:
+            self.metrics.setdefault(name, [math.nan] * len(self.steps))
+        for name, values in self.metrics.items():
+            values.append(metrics.get(name, math.nan))
+        self.steps.append(step)
+        self.wall_time.append(wall_time)
+
+    def __getitem__(self, name: str) -> list[float]:
+        if name not in self.metrics:
+            raise KeyError(f"no metric {name!r} in the history; it has {sorted(self.metrics)}")
+        return self.metrics[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.metrics
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def keys(self) -> list[str]:
+        return list(self.metrics)
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``name`` where it was recorded (nan gaps removed), ready to plot."""
+        pairs = [(s, v) for s, v in zip(self.steps, self[name], strict=True) if not math.isnan(v)]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "wall_time": list(self.wall_time),
+                "metrics": {k: list(v) for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_state_dict(cls, saved: Mapping[str, Any]) -> History:
+        history = cls()
+        history.steps, history.wall_time = list(saved["steps"]), list(saved["wall_time"])
+        history.metrics = {k: list(v) for k, v in saved["metrics"].items()}
+        return history
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} steps, metrics {self.keys()}, {self.wall_time[-1] if self else 0:.1f} s)"
+
+
+# ----------------------------------------------------------------------------- capture and restore
+def _capture(obj: Any, where: str, snapshot: bool = True) -> Any:
+    """A picklable snapshot of ``obj`` (see the module docstring for what is accepted).
+
+    ``snapshot=False`` only checks that ``obj`` can be checkpointed, without copying anything.
+    """
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone() if snapshot else None  # clone: save this tensor, not its whole storage
+    if isinstance(obj, torch.Generator):
+        return {"__generator__": obj.get_state() if snapshot else None}
+    if isinstance(obj, Mapping):
+        return {k: _capture(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_capture(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj)]
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return {"__state_dict__": obj.state_dict() if snapshot else None}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"state{where}: cannot checkpoint a {type(obj).__name__}; state may hold tensors, "
+                    f"torch.Generators, objects with state_dict()/load_state_dict() (optimisers, modules), "
+                    f"numbers, strings, and dicts/lists of these")
+
+
+def _restore(live: Any, saved: Any, where: str) -> Any:
+    """Restore ``saved`` into ``live`` in place where possible; return the value to store at ``where``."""
+    def mismatch(what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(f"state{where}: {what}. Was the checkpoint written by a run with a "
+                                       f"different configuration? Use another checkpoint path or resume=False.")
+
+    if isinstance(live, Tensor):
+        if not isinstance(saved, Tensor):
+            raise mismatch(f"the checkpoint holds a {type(saved).__name__}, the state a tensor")
+        if saved.shape != live.shape or saved.dtype != live.dtype:
+            raise mismatch(f"the checkpoint's tensor is {tuple(saved.shape)} {saved.dtype}, the state's "
+                           f"{tuple(live.shape)} {live.dtype}")
+        # Checkpoint restore, not part of any differentiable computation: the values are overwritten
+        # in place, under no_grad, so that optimisers keep pointing at the same tensor objects.
+        with torch.no_grad():
+            live.copy_(saved)
+        return live
+    if isinstance(live, torch.Generator):
+        if not (isinstance(saved, dict) and "__generator__" in saved):
+            raise mismatch("the state holds a torch.Generator, the checkpoint does not")
+        live.set_state(saved["__generator__"])
+        return live
+    if isinstance(live, Mapping):
+        if not isinstance(saved, Mapping) or "__generator__" in saved or "__state_dict__" in saved:
+            raise mismatch("the state holds a dict, the checkpoint does not")
+        missing, unexpected = sorted(set(live) - set(saved), key=str), sorted(set(saved) - set(live), key=str)
+        if missing or unexpected:
+            raise mismatch(f"keys differ: missing from the checkpoint {missing}, only in the checkpoint {unexpected}")
+        for key in live:
+            value = _restore(live[key], saved[key], f"{where}[{key!r}]")
+            if value is not live[key]:
+                live[key] = value
+        return live
+    if isinstance(live, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(live):
+            raise mismatch(f"the state holds a sequence of {len(live)}, the checkpoint "
+                           f"{'a list of ' + str(len(saved)) if isinstance(saved, list) else type(saved).__name__}")
+        values = [_restore(v, s, f"{where}[{i}]") for i, (v, s) in enumerate(zip(live, saved, strict=True))]
+        if isinstance(live, list):
+            live[:] = values
+            return live
+        if any(v is not old for v, old in zip(values, live, strict=True)):
+            raise mismatch("a tuple holds a plain value, which cannot be restored in place; use a list")
+        return live
+    if hasattr(live, "load_state_dict"):
+        if not (isinstance(saved, dict) and "__state_dict__" in saved):
+            raise mismatch(f"the state holds a {type(live).__name__}, the checkpoint does not")
+        live.load_state_dict(saved["__state_dict__"])
+        return live
+    if isinstance(saved, (Tensor, dict, list)):
+        raise mismatch(f"the state holds a plain {type(live).__name__}, the checkpoint a {type(saved).__name__}")
+    return saved  # a plain value: the caller stores it back into the dict or list
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History) -> None:
+    """Write ``state`` (after ``step`` steps) and ``history`` to ``path`` atomically.
+
+    The file is written next to ``path`` under a temporary name and then renamed over it
+    (``os.replace`` is atomic), so an interruption leaves either the old or the new checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "step": step, "state": _capture(dict(state), ""),
+               "history": history.state_dict(), "rng": _rng_states()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int, History]:
+    """Restore ``state`` in place from ``path``; return (number of steps done, history)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path} is not an mlcore.train checkpoint (format {FORMAT!r})")
+    keys, saved_keys = set(state), set(saved["state"])
+    if keys != saved_keys:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds state {sorted(saved_keys)} but the state passed has {sorted(keys)}: "
+            f"missing from the checkpoint {sorted(keys - saved_keys)}, only in the checkpoint "
+            f"{sorted(saved_keys - keys)}. Use another checkpoint path or resume=False.")
+    _restore(state, saved["state"], "")
+    _set_rng_states(saved["rng"])
+    return saved["step"], History.from_state_dict(saved["history"])
+
+
+# ----------------------------------------------------------------------------- the loop
+def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = None,
+               checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = True,
+               progress: bool = True, desc: str | None = None, log_every: int = 1) -> History:
+    """Call ``step_fn(step)`` for step = 0 … n_steps−1 (or from a checkpoint's step on); return the History.
+
+    Args:
+        step_fn: one meta-update; returns metrics ``{name: number}`` (0-dim tensors are accepted).
+        n_steps: total steps of the run (a resumed run continues up to the same total).
+        state: what a checkpoint saves and a resume restores (see the module docstring); pass every
+            object the step changes or draws from: parameters, optimisers, generators.
+        checkpoint: file to save to and, if it exists and ``resume``, to resume from.
+        checkpoint_every: save after every this many steps (and always after the last step).
+        resume: ``False`` starts at step 0 even if ``checkpoint`` exists (and overwrites it).
+        progress: show a tqdm bar (on stderr) with the latest metrics. In a notebook that nbval checks,
+            pass ``False`` (the bar's timings change from run to run).
+        log_every: refresh the bar's metrics every this many steps (every step's metrics are recorded).
+
+    A run stopped by an exception can be resumed from its last checkpoint; steps after it are redone.
+    """
+    for name, value in (("n_steps", n_steps), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_steps" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'n_steps' else 'positive'} integer, "
+                             f"got {value!r}")
+    state = {} if state is None else state
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict name -> object, got {type(state).__name__}")
+    _capture(state, "", snapshot=False)  # fail now, not at the first checkpoint, if something cannot be saved
+    start, history = 0, History()
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        start, history = load_checkpoint(checkpoint, state)
+        if start > n_steps:
+            raise ValueError(f"checkpoint {checkpoint} is already at step {start}, past n_steps={n_steps}; "
+                             f"pass n_steps >= {start} (or resume=False to start over)")
+    elapsed = history.wall_time[-1] if history else 0.0
+    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(start, n_steps):
+            began = time.perf_counter()
+            metrics = _as_floats(step_fn(step), step)
+            elapsed += time.perf_counter() - began
+            history.append(step, metrics, elapsed)
+            bar.update(1)
+            if progress and (step + 1 - start) % log_every == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == n_steps):
+                save_checkpoint(checkpoint, state, step + 1, history)
+    finally:
+        bar.close()
+    return history
+
+
+def _as_floats(metrics: Any, step: int) -> dict[str, float]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"step_fn must return a dict of metrics {{name: number}}, got {type(metrics).__name__} "
+                        f"at step {step}; return {{}} to record nothing")
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"metric {name!r} at step {step} is a tensor of shape {tuple(value.shape)}; "
+                                 f"return a number (e.g. loss.item())")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metric {name!r} at step {step} is a {type(value).__name__}; metrics are numbers")
+        out[str(name)] = float(value)
+    return out

@@ -1,0 +1,161 @@
+"""mlcore.train: a resumed run equals the uninterrupted run; checkpoints are atomic and checked."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlcore.maml import meta_loss
+from mlcore.models import MLP
+from mlcore.tasks import SineTasks
+from mlcore.train import CheckpointMismatchError, History, load_checkpoint, meta_train, save_checkpoint
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def make_run(init_seed: int = 0, crash_at: int | None = None):
+    """A small MAML sine run: (step_fn, state, params). Every random draw is inside ``state``."""
+    torch.manual_seed(init_seed)
+    model = MLP(1, (8,), 1)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(params.values(), lr=1e-2)
+    g = torch.Generator().manual_seed(123 + init_seed)
+    sampler = SineTasks()
+    counters = {"tasks_seen": 0}
+
+    def step_fn(step: int) -> dict[str, float]:
+        if step == crash_at:
+            raise Crash(f"simulated crash at step {step}")
+        tasks = sampler.sample(4, 5, 5, generator=g)
+        loss = meta_loss(model, params, tasks, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        counters["tasks_seen"] += 4
+        noise = torch.randn(()).item()  # the global RNG: restored by resume as well
+        metrics = {"loss": loss.item(), "noise": noise}
+        if step % 3 == 0:
+            metrics["every3"] = float(step)  # a metric not returned at every step
+        return metrics
+
+    state = {"params": params, "opt": opt, "generator": g, "counters": counters}
+    return step_fn, state, params
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    torch.manual_seed(7)
+    step_fn, _, params = make_run()
+    straight = meta_train(step_fn, n_steps=10, progress=False)
+
+    ckpt = tmp_path / "run.pt"
+    torch.manual_seed(7)
+    step_fn, state, _ = make_run(crash_at=7)
+    with pytest.raises(Crash):
+        meta_train(step_fn, n_steps=10, state=state, checkpoint=ckpt, checkpoint_every=3, progress=False)
+    assert load_checkpoint(ckpt, make_run()[1])[0] == 6  # saved after steps 3 and 6; step 7 crashed
+
+    torch.manual_seed(999)  # a fresh process: other global RNG, other initial weights, other generator
+    step_fn, state, resumed_params = make_run(init_seed=5)
+    tensors_before = {n: id(p) for n, p in resumed_params.items()}
+    resumed = meta_train(step_fn, n_steps=10, state=state, checkpoint=ckpt, checkpoint_every=3, progress=False)
+
+    assert {n: id(p) for n, p in resumed_params.items()} == tensors_before  # restored in place
+    for name, p in params.items():
+        assert torch.equal(p, resumed_params[name]), name
+    assert resumed.steps == straight.steps == list(range(10))
+    assert resumed.keys() == straight.keys()
+    for key in straight.keys():
+        assert resumed[key] == pytest.approx(straight[key], nan_ok=True, rel=0, abs=0), key
+    assert state["counters"]["tasks_seen"] == 40
+    assert resumed.series("every3") == ([0, 3, 6, 9], [0.0, 3.0, 6.0, 9.0])
+    assert all(b >= a for a, b in zip(resumed.wall_time, resumed.wall_time[1:]))
+
+
+def test_finished_run_returns_its_history(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    step_fn, state, _ = make_run()
+    first = meta_train(step_fn, n_steps=4, state=state, checkpoint=ckpt, progress=False)
+    step_fn, state, _ = make_run(crash_at=0)  # would crash if any step ran again
+    again = meta_train(step_fn, n_steps=4, state=state, checkpoint=ckpt, progress=False)
+    assert again["loss"] == first["loss"]
+    with pytest.raises(ValueError, match="past n_steps=3"):
+        meta_train(step_fn, n_steps=3, state=state, checkpoint=ckpt, progress=False)
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt = tmp_path / "run.pt"
+    step_fn, state, _ = make_run()
+    meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
+    good = ckpt.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(ckpt, state, 99, History())
+    assert ckpt.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert load_checkpoint(ckpt, make_run()[1])[0] == 2
+
+
+def test_mismatched_checkpoint_raises(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    step_fn, state, _ = make_run()
+    meta_train(step_fn, n_steps=1, state=state, checkpoint=ckpt, progress=False)
+
+    _, state, _ = make_run()
+    del state["opt"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint \[\].*only in the checkpoint \['opt'\]"):
+        meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
+
+    _, state, _ = make_run()
+    state["params"]["body.0.weight"] = torch.zeros(16, 1, requires_grad=True)
+    with pytest.raises(CheckpointMismatchError, match=r"state\['params'\]\['body.0.weight'\].*\(8, 1\).*\(16, 1\)"):
+        meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
+
+    _, state, _ = make_run()
+    state["generator"] = {"not": "a generator"}
+    with pytest.raises(CheckpointMismatchError, match="generator"):
+        meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
+
+    # resume=False ignores (and overwrites) the checkpoint
+    _, state, _ = make_run()
+    del state["opt"]
+    meta_train(step_fn, n_steps=1, state=state, checkpoint=ckpt, resume=False, progress=False)
+
+
+def test_progress_bar_shows_metrics_and_can_be_off(capsys):
+    step_fn, state, _ = make_run()
+    meta_train(step_fn, n_steps=3, state=state, progress=False)
+    assert capsys.readouterr().err == ""
+    meta_train(step_fn, n_steps=3, state=state, progress=True, desc="sine")
+    err = capsys.readouterr().err
+    assert "sine" in err and "loss=" in err and "3/3" in err
+
+
+def test_bad_arguments_fail_loudly():
+    with pytest.raises(TypeError, match="dict of metrics"):
+        meta_train(lambda step: 1.0, n_steps=1, progress=False)
+    with pytest.raises(TypeError, match="metric 'x' at step 0 is a str"):
+        meta_train(lambda step: {"x": "high"}, n_steps=1, progress=False)
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        meta_train(lambda step: {}, n_steps=1, state={"thing": object()}, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+        meta_train(lambda step: {}, n_steps=1, checkpoint_every=0, progress=False)
+
+
+def test_history_plots_easily():
+    h = meta_train(lambda step: {"loss": torch.tensor(1.0 / (step + 1), dtype=torch.float64)}, n_steps=4,
+                   progress=False)
+    assert h.steps == [0, 1, 2, 3] and h["loss"] == [1.0, 0.5, 1 / 3, 0.25] and len(h) == 4
+    assert "loss" in h and "acc" not in h
+    with pytest.raises(KeyError, match="no metric 'acc'"):
+        h["acc"]
+    assert not any(math.isnan(t) for t in h.wall_time)
