@@ -1,13 +1,18 @@
 """The reusable half of every chapter's setup cell.
 
 Every chapter notebook starts with the same first code cell (``book/quickstart.ipynb`` holds the
-reference copy)::
+reference copy; tests/test_book_structure.py checks every chapter's)::
 
+    # Setup: the first cell of every chapter.
     import sys
-    REPO_URL = "https://github.com/mlcore-book/meta-learning-book"   # == _config.yml repository.url
-    if "google.colab" in sys.modules:  # Colab: install mlcore from the book's repository
-        %pip install -q "mlcore @ git+https://github.com/mlcore-book/meta-learning-book@main"
+
+    # The book's repository (the same URL as repository.url in _config.yml).
+    REPO_URL = "https://github.com/mlcore-book/meta-learning-book"
+    if "google.colab" in sys.modules:  # in Colab: install mlcore first
+        %pip install -q "mlcore @ git+{REPO_URL}@main"
+
     from mlcore.notebook import setup
+
     device = setup(seed=0)
 
 ``setup`` makes a chapter's stored outputs reproducible on the CPU (CI re-runs every notebook with

@@ -135,3 +135,40 @@ def test_outputs_are_stored_from_one_top_to_bottom_run(path: Path) -> None:
     assert counts == list(range(1, len(cells) + 1)), (
         f"{_rel(path)}: execution counts {counts} are not 1..{len(cells)} (cells not run top to bottom "
         f"in one fresh kernel): {hint}")
+
+
+# --- mlcore.notebook.setup, the reusable half of the setup cell -------------------------------------
+
+def test_setup_seeds_every_global_generator_and_returns_the_device(capsys) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    import mlcore
+    from mlcore.notebook import FIGURE_DPI, setup
+
+    draws = []
+    for _ in range(2):
+        device = setup(seed=3, device="cpu")
+        model_init = torch.nn.Linear(2, 1).weight.tolist()  # nn.Module init draws from torch's global RNG
+        draws.append((random.random(), np.random.rand(), torch.rand(2).tolist(), model_init))
+    assert draws[0] == draws[1]
+    assert device == torch.device("cpu")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"mlcore {mlcore.__version__} · torch {torch.__version__} · device cpu"
+    import matplotlib
+    assert matplotlib.rcParams["figure.dpi"] == FIGURE_DPI
+
+
+def test_setup_rejects_bad_arguments() -> None:
+    import torch
+
+    from mlcore.notebook import setup
+
+    for seed in (-1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            setup(seed=seed, verbose=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            setup(device="cuda", verbose=False)

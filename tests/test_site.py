@@ -56,7 +56,6 @@ def _toc_files() -> list[Path]:
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 PAGES = [p.relative_to(ROOT) for p in _toc_files()]   # e.g. book/quickstart.ipynb
 NOTEBOOK_PAGES = [p for p in PAGES if p.suffix == ".ipynb"]
-PAGES_WITH_MATH = {Path("book/intro.md"), Path("book/quickstart.ipynb")}
 
 
 def _html(page: Path) -> str:
@@ -139,6 +138,9 @@ function sleep(ms) { return new Promise(r => setTimeout(r, ms)); }
     mathjax: mathjax,
     mathjaxSrc: (document.querySelector('script[src*="mathjax"]') || {}).src || null,
     mjx: document.querySelectorAll("mjx-container").length,
+    mathNodes: document.querySelectorAll("span.math, div.math").length,
+    untypeset: [...document.querySelectorAll("span.math, div.math")]
+                 .filter(m => !m.querySelector("mjx-container")).map(m => m.textContent.slice(0, 60)),
     mathErrors: document.querySelectorAll("mjx-merror, .MathJax_Error").length,
     images: imgs.map(i => ({src: (i.getAttribute("src") || "").slice(0, 80), w: i.naturalWidth, ok: i.complete})),
     prose: prose.textContent,
@@ -213,15 +215,22 @@ def test_page_loads_only_local_resources(page, visit, server) -> None:
 @page_params
 def test_math_is_typeset(page, visit, server) -> None:
     data = visit(page)
-    if page in PAGES_WITH_MATH:
+    if data["mathNodes"]:
         assert data["mathjax"] == "typeset", f"{page}: MathJax {data['mathjax']}"
         assert data["mathjaxSrc"].startswith(server + "/third_party/mathjax/"), data["mathjaxSrc"]
-        assert data["mjx"] > 0, f"{page}: no mjx-container elements: the math was not typeset"
+        assert not data["untypeset"], f"{page}: math that MathJax did not typeset: {data['untypeset'][:5]}"
     assert data["mathjax"] in ("typeset", "not on page"), f"{page}: MathJax {data['mathjax']}"
     assert data["mathErrors"] == 0, f"{page}: MathJax reported {data['mathErrors']} TeX errors"
     prose = data["prose"]
     raw = re.findall(r"\$\$|\\begin\{|\\(?:frac|mathcal|mathbb|nabla|theta|alpha|sin)\b", prose)
     assert not raw, f"{page}: raw TeX left in the text (MathJax did not process it): {raw[:5]}"
+
+
+def test_pages_with_math_were_checked(visit) -> None:
+    """Guard against the math check passing vacuously (e.g. if the theme stopped marking math)."""
+    for page in (Path("book/intro.md"), Path("book/quickstart.ipynb")):
+        data = visit(page)
+        assert data["mathNodes"] > 0 and data["mjx"] >= data["mathNodes"], (page, data["mathNodes"], data["mjx"])
 
 
 @page_params
