@@ -148,17 +148,19 @@ def test_setup_seeds_every_global_generator_and_returns_the_device(capsys) -> No
     import mlcore
     from mlcore.notebook import FIGURE_DPI, setup
 
+    import matplotlib
+
     draws = []
-    for _ in range(2):
-        device = setup(seed=3, device="cpu")
-        model_init = torch.nn.Linear(2, 1).weight.tolist()  # nn.Module init draws from torch's global RNG
-        draws.append((random.random(), np.random.rand(), torch.rand(2).tolist(), model_init))
+    with matplotlib.rc_context():  # setup() changes matplotlib's defaults: keep other tests' intact
+        for _ in range(2):
+            device = setup(seed=3, device="cpu")
+            model_init = torch.nn.Linear(2, 1).weight.tolist()  # module init draws from torch's global RNG
+            draws.append((random.random(), np.random.rand(), torch.rand(2).tolist(), model_init))
+        assert matplotlib.rcParams["figure.dpi"] == FIGURE_DPI
     assert draws[0] == draws[1]
     assert device == torch.device("cpu")
     line = capsys.readouterr().out.splitlines()[-1]
     assert line == f"mlcore {mlcore.__version__} · torch {torch.__version__} · device cpu"
-    import matplotlib
-    assert matplotlib.rcParams["figure.dpi"] == FIGURE_DPI
 
 
 def test_setup_rejects_bad_arguments() -> None:
