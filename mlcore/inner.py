@@ -113,6 +113,30 @@ def _rates_per_step(inner_lr: InnerLR, inner_steps: int, names: Collection[str])
     return resolved
 
 
+def _check_steps(inner_steps: object) -> None:
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _check_params_match_tasks(params: Mapping[str, Tensor], tasks: TaskBatch) -> None:
+    """Catch dtype/device mismatches here, with advice, rather than deep inside a matmul."""
+    x = tasks.x_support
+    for name, p in params.items():
+        if p.device != x.device:
+            raise ValueError(f"params[{name!r}] is on {p.device} but the tasks are on {x.device}; move one "
+                             f"of them (tasks.to(device) or {{n: p.to(device) for n, p in params.items()}})")
+        if p.is_floating_point() and p.dtype != x.dtype:
+            raise TypeError(f"params[{name!r}] is {p.dtype} but the task inputs are {x.dtype}; use one dtype "
+                            f"(tasks.to(dtype=...) or model.to(dtype) before taking its parameters)")
+
+
 def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
                inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                adapt: Collection[str] | None = None) -> list[dict[str, Tensor]]:
@@ -132,14 +156,23 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
     Works for a single task and inside ``torch.func.vmap`` over tasks (with ``params`` unbatched), and
     under ``torch.no_grad()`` (``torch.func.grad`` ignores an outer no_grad), for evaluation.
     """
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+    _check_steps(inner_steps)
+    if isinstance(adapt, (str, bytes)):
+        raise TypeError(f"adapt must be a collection of parameter names, not the string {adapt!r} (a string "
+                        f"would be read letter by letter); for a name prefix use mlcore.anil.head_names")
     names = list(params) if adapt is None else [n for n in params if n in set(adapt)]
     if adapt is not None and len(names) != len(set(adapt)):
         raise KeyError(f"adapt names parameters the model does not have: {sorted(set(adapt) - set(params))[:5]}")
     if not names and inner_steps > 0:
         raise ValueError("adapt selects no parameter, so the inner loop would change nothing")
     rates = _rates_per_step(inner_lr, inner_steps, names)
+    for k, rate in enumerate(rates):  # a rate must not change the parameter's shape by broadcasting
+        for n in names:
+            r = rate[n]
+            if isinstance(r, Tensor) and not _broadcasts_to(r.shape, params[n].shape):
+                raise ValueError(f"inner_lr for {n!r} (step {k}) has shape {tuple(r.shape)}, which does not "
+                                 f"broadcast to the parameter's shape {tuple(params[n].shape)}; give a scalar or "
+                                 f"a tensor shaped like the parameter (per-step rates: a list of inner_steps rates)")
 
     def support_loss(moving: dict[str, Tensor], fixed: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y)
@@ -215,6 +248,8 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     if not isinstance(tasks, TaskBatch):
         raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
     check_params(model, params)
+    _check_steps(inner_steps)
+    _check_params_match_tasks(params, tasks)
     steps = [inner_steps] if eval_steps is None else list(eval_steps)
     if any(not isinstance(k, int) or not 0 <= k <= inner_steps for k in steps) or not steps:
         raise ValueError(f"eval_steps must be integers in 0..inner_steps={inner_steps}, got {eval_steps!r}")
