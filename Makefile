@@ -90,11 +90,11 @@ book: setup
 	[ $$failed = 0 ] && echo "site: $(ROOT)/_build/html/index.html"; exit $$failed
 
 # --- the checks -------------------------------------------------------------------------------
-UNIT_CMD = "$(PY)" -m pytest tests --ignore=tests/test_site.py
+UNIT_CMD = "$(PY)" -m pytest tests --ignore=tests/test_site.py --durations=10
 NBVAL_CMD = nbs=$$("$(PY)" scripts/run_notebook.py --list); \
 	if [ -z "$$nbs" ]; then echo "_toc.yml lists no notebooks: nothing for nbval to check"; exit 0; fi; \
 	"$(PY)" -m pytest --nbval --nbval-current-env --nbval-sanitize-with "$(SANITIZE)" \
-	  --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) -p no:cacheprovider $$nbs
+	  --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) -p no:cacheprovider --durations=10 $$nbs
 SITE_CMD = MLCORE_REQUIRE_SITE=1 "$(PY)" -m pytest tests/test_site.py -p no:cacheprovider
 
 test: setup browser
