@@ -70,5 +70,99 @@ def plot_episode(tasks: TaskBatch, index: int = 0, *, max_query: int = 5, class_
     return fig
 
 
-
 # --- embedding plots (section owned by the metric-learning work: PCA of support/query/prototypes) ---
+# torch, TaskBatch and Figure are imported above, in the episode-grid section.
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class EpisodeEmbedding:
+    """One episode in embedding space: what ``plot_embeddings_pca`` draws for one panel.
+
+    Shapes: support (n_support, D), support_labels (n_support,), query (n_query_total, D),
+    query_labels (n_query_total,), prototypes (n_way, D), row k the prototype of class k.
+    ``accuracy`` is a fraction in [0, 1] (shown in the panel title). Tensors may live on any device.
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    prototypes: torch.Tensor
+    accuracy: float
+    title: str = ""
+
+
+def embed_episode(model: torch.nn.Module, episode: TaskBatch, *, title: str = "",
+                  predict: Callable[[TaskBatch], torch.Tensor] | None = None) -> EpisodeEmbedding:
+    """Embed ONE episode (a TaskBatch with meta_batch 1) with ``model``, under ``torch.no_grad()``.
+
+    Support and query are embedded together, exactly as in training (``protonet.embed_episodes``);
+    prototypes are the class means of the support embeddings (eq. 1 of Snell et al.). The accuracy is
+    that of ``predict(episode)`` (scores (1, n_query_total, n_way), e.g.
+    ``lambda t: matching.predict(model, t)``), or, by default, of the nearest prototype (ProtoNet).
+    Call it once per state (before / after training) and pass the results to ``plot_embeddings_pca``.
+    """
+    from . import protonet
+
+    if episode.meta_batch != 1:
+        raise ValueError(f"embed_episode: pass one episode (meta_batch 1, e.g. tasks[0]), got meta_batch "
+                         f"{episode.meta_batch}")
+    n_way = int(episode.y_support.max()) + 1
+    with torch.no_grad():
+        support, query = protonet.embed_episodes(model, episode)       # (1, n_support, D), (1, Q, D)
+        protos = protonet.prototypes(support, episode.y_support, n_way)  # (1, n_way, D)
+        scores = predict(episode) if predict is not None else protonet.logits(query, protos)
+        accuracy = (scores.argmax(-1) == episode.y_query).double().mean().item()
+    cpu = lambda t: t[0].detach().cpu()  # noqa: E731
+    return EpisodeEmbedding(cpu(support), cpu(episode.y_support), cpu(query), cpu(episode.y_query), cpu(protos),
+                            accuracy, title)
+
+
+def plot_embeddings_pca(*states: EpisodeEmbedding, panel_size: float = 4.0) -> Figure:
+    """Side-by-side PCA plots of one episode's embeddings, e.g. ``plot_embeddings_pca(before, after)``.
+
+    Each panel projects its own support, query and prototypes onto their first two principal
+    components (scikit-learn PCA fitted per panel: the networks before and after training embed into
+    different spaces, so no common projection exists). Colour is the class; support examples are
+    filled circles, queries crosses, prototypes large stars. Titles carry each episode's accuracy.
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from sklearn.decomposition import PCA
+
+    if not states or not all(isinstance(s, EpisodeEmbedding) for s in states):
+        raise TypeError("plot_embeddings_pca: pass one or more EpisodeEmbedding (see embed_episode)")
+    fig, axes = plt.subplots(1, len(states), figsize=(panel_size * len(states), panel_size), squeeze=False)
+    for ax, state in zip(axes[0], states, strict=True):
+        support, query, protos = (t.detach().cpu().double() for t in (state.support, state.query, state.prototypes))
+        y_support, y_query = state.support_labels.detach().cpu(), state.query_labels.detach().cpu()
+        if support.dim() != 2 or query.dim() != 2 or protos.dim() != 2 or \
+                not support.shape[1] == query.shape[1] == protos.shape[1]:
+            raise ValueError(f"plot_embeddings_pca: expected support (n_support, D), query (n_query, D) and "
+                             f"prototypes (n_way, D); got {tuple(support.shape)}, {tuple(query.shape)}, "
+                             f"{tuple(protos.shape)}")
+        points = torch.cat([support, query, protos]).numpy()
+        xy = PCA(n_components=2).fit_transform(points)                 # (n_support + Q + n_way, 2)
+        xy_s, xy_q, xy_p = xy[:len(support)], xy[len(support):len(support) + len(query)], xy[-len(protos):]
+        n_way = len(protos)
+        cmap = plt.get_cmap("tab10" if n_way <= 10 else "tab20")
+        for k in range(n_way):
+            colour = cmap(k % cmap.N)
+            s, q = (y_support == k).numpy(), (y_query == k).numpy()
+            ax.scatter(xy_q[q, 0], xy_q[q, 1], color=colour, marker="x", s=25, alpha=0.7)
+            ax.scatter(xy_s[s, 0], xy_s[s, 1], color=colour, marker="o", s=50, edgecolors="black", linewidths=0.5)
+            ax.scatter(xy_p[k, 0], xy_p[k, 1], color=colour, marker="*", s=350, edgecolors="black", linewidths=1)
+        title = f"{state.title}: " if state.title else ""
+        ax.set_title(f"{title}episode accuracy {100 * state.accuracy:.0f}%")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], color="grey", marker=m, linestyle="", markersize=ms, markeredgecolor="black", label=lab)
+               for m, ms, lab in (("o", 7, "support"), ("x", 6, "query"), ("*", 14, "prototype"))]
+    axes[0][-1].legend(handles=handles, loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
