@@ -135,7 +135,8 @@ def plot_embeddings_pca(*states: EpisodeEmbedding, panel_size: float = 4.0) -> F
 
     if not states or not all(isinstance(s, EpisodeEmbedding) for s in states):
         raise TypeError("plot_embeddings_pca: pass one or more EpisodeEmbedding (see embed_episode)")
-    fig, axes = plt.subplots(1, len(states), figsize=(panel_size * len(states), panel_size), squeeze=False)
+    fig, axes = plt.subplots(1, len(states), figsize=(panel_size * len(states), panel_size), squeeze=False,
+                             layout="constrained")
     for ax, state in zip(axes[0], states, strict=True):
         support, query, protos = (t.detach().cpu().double() for t in (state.support, state.query, state.prototypes))
         y_support, y_query = state.support_labels.detach().cpu(), state.query_labels.detach().cpu()
@@ -164,5 +165,4 @@ def plot_embeddings_pca(*states: EpisodeEmbedding, panel_size: float = 4.0) -> F
     handles = [Line2D([], [], color="grey", marker=m, linestyle="", markersize=ms, markeredgecolor="black", label=lab)
                for m, ms, lab in (("o", 7, "support"), ("x", 6, "query"), ("*", 14, "prototype"))]
     axes[0][-1].legend(handles=handles, loc="best", fontsize="small")
-    fig.tight_layout()
     return fig
