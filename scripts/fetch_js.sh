@@ -69,6 +69,19 @@ cat >"$site/html-manager/assets-path.js" <<'JS'
   var dist = new URL("dist", document.currentScript.src).href;
   require.config({paths: {"@jupyter-widgets": dist, "@jupyter-widgets/html-manager/dist": dist}});
   window.__jupyter_widgets_assets_path__ = dist + "/";
+  // The embedder typesets widget labels through MathJax 2's MathJax.Hub.Queue; the book loads
+  // MathJax 3, which has no Hub. Route those calls to MathJax 3's typesetPromise instead of letting
+  // the embedder throw "Cannot read properties of undefined (reading 'Queue')".
+  function hub() {
+    if (window.MathJax && !window.MathJax.Hub) {
+      window.MathJax.Hub = {Queue: function (job) {
+        var el = job && job[2];
+        if (el && window.MathJax.typesetPromise) { window.MathJax.typesetPromise([el]).catch(function () {}); }
+      }};
+    }
+  }
+  hub();
+  document.addEventListener("DOMContentLoaded", hub);
 })();
 JS
 cp "$work/requirejs/package/require.js" "$work/requirejs/package/package.json" "$site/requirejs/"  # MIT
