@@ -277,3 +277,33 @@ def test_references_page_lists_the_bibliography(visit) -> None:
     assert data["citations"] == entries, (
         f"book/references.md lists {data['citations']} works, references.bib has {entries}")
     assert "model-agnostic meta-learning" in data["prose"].lower()
+
+
+def test_static_sliders_move_without_a_kernel(server, browser) -> None:
+    """Every to_jshtml player on the site really changes its frame when the reader moves it.
+
+    These are the book's kernel-free sliders (inner_lr × inner_steps in chapter 2, shots in chapter 7):
+    click "next frame" and move the range slider; the displayed PNG must change each time.
+    """
+    from selenium.webdriver.common.by import By
+
+    players = 0
+    for page in PAGES:
+        if page.suffix != ".ipynb" or "anim" not in (SITE / _html(page)).read_text(errors="ignore"):
+            continue
+        browser.get(f"{server}/{_html(page)}")
+        for img in browser.find_elements(By.CSS_SELECTOR, "img[id^='_anim_img']"):
+            anim_id = img.get_attribute("id")[len("_anim_img"):]
+            players += 1
+            browser.execute_script("arguments[0].scrollIntoView();", img)
+            first = img.get_attribute("src")
+            browser.find_element(By.CSS_SELECTOR, f"button[onclick='anim{anim_id}.next_frame()']").click()
+            second = img.get_attribute("src")
+            assert second != first, f"{page}: the player's 'next frame' button did not change the image"
+            slider = browser.find_element(By.ID, f"_anim_slider{anim_id}")
+            last = int(slider.get_attribute("max"))
+            browser.execute_script("arguments[0].value = arguments[1]; arguments[0].oninput();", slider, last)
+            assert img.get_attribute("src") not in (first, second), \
+                f"{page}: moving the player's slider to frame {last} did not change the image"
+    if any("to_jshtml" in p.read_text(errors="ignore") for p in NOTEBOOK_PAGES):
+        assert players > 0, "chapters call to_jshtml() but no animation player was found on the site"
