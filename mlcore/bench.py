@@ -315,6 +315,18 @@ def _methods(kind: str, a: argparse.Namespace, problem: Problem, device: torch.d
     return rows
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """For the tiny float64 checks: at that size threads only add hand-offs (which, on a busy machine,
+    cost more than the arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fresh(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         for w in model.parameters():
@@ -362,7 +374,8 @@ def run(kind: str, a: argparse.Namespace) -> dict:
             p = replace(problem, model=bn_model) if uses_bn else problem
             pt = replace(tiny, model=bn_tiny) if uses_bn else tiny
             try:
-                g64 = meta_gradient(build, pt, first_order)
+                with _one_thread():
+                    g64 = meta_gradient(build, pt, first_order)
                 # The check call is also the row's first (untimed) step; on the CPU it gives the peak
                 # memory, on CUDA it runs with TF32 off, so one more step with default settings does.
                 with exact_matmuls(device), PeakMemory(device) as memory:
@@ -379,7 +392,8 @@ def run(kind: str, a: argparse.Namespace) -> dict:
             if ref is None:  # the per-task loop comes first: it is the reference
                 ref, ref64 = g, g64
                 if not first_order:
-                    header["finite_difference_check"] = fd = finite_difference_check(tiny, ref64)
+                    with _one_thread():
+                        header["finite_difference_check"] = fd = finite_difference_check(tiny, ref64)
                     header["lines"].append(f"reference check: the per-task loop's 2nd-order meta-gradient vs "
                                            f"central differences (float64, tiny, 3 random directions, eps 1e-7): {fd:.1e}")
                     _log(header["lines"][-1])

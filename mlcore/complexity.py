@@ -18,7 +18,10 @@ notebook turns into plots; :func:`linear_fit` gives the slope and R² of a strai
 
 Memory is measured by :class:`PeakMemory`: on CUDA the caching allocator's peak, exact; on the CPU the
 process's peak resident set size, which also counts allocator slack and moves in page-sized steps, so
-CPU memory curves are only meaningful well above a few MB.
+CPU memory curves are only meaningful well above a few MB. Rows are timed one after another: on a
+shared machine a busy spell inflates whichever row is running (on a 2-core box at load 5, one K = 8
+MAML row read 2.4 s alone and 1.2–1.5 s when interleaved with the others), so use ``repeats`` > 3 or
+compare against :mod:`mlcore.bench`, which interleaves its rows.
 """
 from __future__ import annotations
 
