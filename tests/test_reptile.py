@@ -15,13 +15,7 @@ F64 = torch.float64
 ALPHA, EPSILON, K = 0.02, 0.3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread costs more than it saves; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def setup(meta_batch: int = 3, seed: int = 0, dtype: torch.dtype = F64):
