@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .inner import InnerLR, LossFn, _check_params_match_tasks, check_params, query_losses, raise_if_diverged
-from .inner import resolve_strategy
+from .inner import (InnerLR, LossFn, _check_params_match_tasks, check_params, grad_inputs, query_losses,
+                    raise_if_diverged, resolve_strategy, task_mean)
 from .models import MLP, Conv4
 from .tasks import TaskBatch
 
@@ -92,29 +92,26 @@ def _strip_prefix(inner_lr: InnerLR, names: Sequence[str]) -> InnerLR:
     return strip(inner_lr)
 
 
-def _body_features(model: nn.Module, body: dict[str, Tensor], x: Tensor, how: str,
-                   chunk_size: int | None) -> Tensor:
-    """Per-task body features, (B, N, ...) -> (B, N, D): per task, because batch statistics are per task."""
+def _body_features(model: nn.Module, body: dict[str, Tensor], x: Tensor, how: str) -> Tensor:
+    """Per-task body features, (b, N, ...) -> (b, N, D): per task, because batch statistics are per task."""
     def embed(x_task: Tensor) -> Tensor:
         return functional_call(model.body, body, (x_task,))          # (N, ...) -> (N, D)
-    if how == "loop":
-        return torch.stack([embed(x_task) for x_task in x])
-    size = chunk_size or x.shape[0]
-    return torch.cat([torch.func.vmap(embed)(x[i:i + size]) for i in range(0, x.shape[0], size)])
+    return torch.stack([embed(x_task) for x_task in x]) if how == "loop" else torch.func.vmap(embed)(x)
 
 
 def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
               loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
               strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
-              return_outputs: bool = False, reuse_features: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+              return_outputs: bool = False, reuse_features: bool | None = None,
+              eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The ANIL objective: mean over tasks of L_query after K inner steps on the head only.
 
     Differentiable w.r.t. every parameter (body included). ``first_order`` drops the inner gradient's
     derivative (FOMAML-style), which also removes the body's path through the inner loop.
     ``reuse_features``: ``None`` (auto), ``True`` (require the feature-reuse path; raises if the model does
     not qualify) or ``False`` (generic path: the full network runs at every inner step). Other
-    arguments as in :func:`mlcore.maml.meta_loss`; returns the scalar loss (and the query outputs
-    (meta_batch, n_query, ...) with ``return_outputs``).
+    arguments (``strategy``, ``chunk_size``, ``eager``...) as in :func:`mlcore.maml.meta_loss`; returns the
+    scalar loss (and the query outputs (meta_batch, n_query, ...) with ``return_outputs``).
     """
     if not isinstance(tasks, TaskBatch):
         raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
@@ -124,28 +121,31 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
     if reuse_features and not can_reuse:
         raise ValueError(f"reuse_features=True needs an MLP or Conv4 with head={head!r} naming exactly the "
                          f"'head' module's parameters; got {type(model).__name__} and head names {list(names)}")
+    how = resolve_strategy(strategy, model, tasks.device)
     if reuse_features is False or not can_reuse:
-        losses, outputs = query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr,
-                                       inner_steps=inner_steps, first_order=first_order, adapt=names,
-                                       strategy=strategy, chunk_size=chunk_size, return_outputs=True)
+        def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, 1), (b, n_query, ...)
+            return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                                first_order=first_order, adapt=names, eval_steps=[inner_steps], strategy=how,
+                                return_outputs=True)
     else:
         _check_params_match_tasks(params, tasks)
         if isinstance(model, Conv4) and tasks.x_support.shape[2:] != (model.in_channels, model.image_size,
                                                                       model.image_size):
             raise ValueError(f"Conv4 expects images of shape (N, {model.in_channels}, {model.image_size}, "
                              f"{model.image_size}), got tasks with {tuple(tasks.x_support.shape[2:])}")
-        how = resolve_strategy(strategy, model, tasks.device)
-        if chunk_size is not None and how != "vmap":
-            raise ValueError(f"chunk_size applies to strategy='vmap' only (resolved strategy: {how!r})")
         body = {n[len("body."):]: p for n, p in params.items() if n not in names}
-        features = TaskBatch(_body_features(model, body, tasks.x_support, how, chunk_size), tasks.y_support,
-                             _body_features(model, body, tasks.x_query, how, chunk_size), tasks.y_query)
-        # The same shared inner loop, on the head module over fixed (but differentiable) features.
-        losses, outputs = query_losses(model.head, {n[len("head."):]: params[n] for n in names}, features,
-                                       loss_fn=loss_fn, inner_lr=_strip_prefix(inner_lr, names),
-                                       inner_steps=inner_steps, first_order=first_order, strategy=how,
-                                       chunk_size=chunk_size, return_outputs=True)
-    loss = losses.mean()  # (B,) -> ()
+        head_params = {n[len("head."):]: params[n] for n in names}
+        head_lr = _strip_prefix(inner_lr, names)
+
+        def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
+            features = TaskBatch(_body_features(model, body, chunk.x_support, how), chunk.y_support,
+                                 _body_features(model, body, chunk.x_query, how), chunk.y_query)
+            # The same shared inner loop, on the head module over fixed (but differentiable) features.
+            return query_losses(model.head, head_params, features, loss_fn=loss_fn, inner_lr=head_lr,
+                                inner_steps=inner_steps, first_order=first_order, eval_steps=[inner_steps],
+                                strategy=how, return_outputs=True)
+    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
+                              inputs=grad_inputs(params, inner_lr, tasks))
     if check_finite:
         raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps)
     return (loss, outputs) if return_outputs else loss

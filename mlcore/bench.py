@@ -14,7 +14,10 @@ per-task autograd loop          how learn2learn/higher-style code does it: per t
                                 forward on the query, ``backward`` accumulates. The gradient reference.
 higher                          ``higher.innerloop_ctx`` per task (only if ``higher`` is importable)
 mlcore <strategy>               :func:`mlcore.maml.meta_loss` with ``strategy`` loop / vmap / vmap chunked /
-                                auto (the row says what ``auto`` resolved to)
+                                auto (the row says what ``auto`` resolved to). "eager" rows differentiate
+                                task by task (chunk by chunk) inside ``meta_loss`` and free each graph
+                                (the default for loop and chunked vmap); "loop, whole graph" is
+                                ``eager=False``: every task's graph is kept until the one ``backward``
 torch.func.vmap recipe          the functorch MAML recipe (``vmap`` over ``grad`` + ``functional_call``);
                                 for ``Conv4(norm="batch")`` it runs the network with ``nn.BatchNorm2d``
                                 (``track_running_stats=False``), the naive fast version — whose
@@ -127,12 +130,13 @@ def higher_step(p: Problem, first_order: bool) -> Callable[[], None]:
     return step
 
 
-def mlcore_step(strategy: str, chunk_size: int | None) -> Callable[[Problem, bool], Callable[[], None]]:
+def mlcore_step(strategy: str, chunk_size: int | None, eager: bool | None = None
+                ) -> Callable[[Problem, bool], Callable[[], None]]:
     def build(p: Problem, first_order: bool) -> Callable[[], None]:
         params = dict(p.model.named_parameters())
         return lambda: meta_loss(p.model, params, p.tasks, loss_fn=p.loss_fn, inner_lr=p.inner_lr,
                                  inner_steps=p.inner_steps, first_order=first_order, strategy=strategy,
-                                 chunk_size=chunk_size).backward()
+                                 chunk_size=chunk_size, eager=eager).backward()
     return build
 
 
@@ -301,14 +305,22 @@ def _methods(kind: str, a: argparse.Namespace, problem: Problem, device: torch.d
     rows: list[tuple[str, Callable | None, bool, str]] = [
         ("per-task autograd loop", per_task_loop_step, False, ""),
         ("higher 0.2.1 innerloop_ctx", higher_step if has_higher else None, False, higher_note)]
+    several = problem.tasks.meta_batch > 1   # eager=None is per-task backward when there is more than one chunk
     for s in a.strategies:
         if s == "auto":
-            rows.append((f"mlcore auto (-> {resolve_strategy('auto', problem.model, device)})",
+            how = resolve_strategy("auto", problem.model, device)
+            rows.append((f"mlcore auto (-> {how}{', eager' if how == 'loop' and several else ''})",
                          mlcore_step("auto", None), False, ""))
+        elif s == "loop":
+            rows.append(("mlcore loop" + (", eager" if several else ""), mlcore_step("loop", None), False,
+                         "per-task backward inside meta_loss" if several else ""))
+            rows.append(("mlcore loop, whole graph", mlcore_step("loop", None, eager=False), False, "eager=False"))
         else:
             rows.append((f"mlcore {s}", mlcore_step(s, None), False, ""))
         if s == "vmap" and a.chunk_size:
-            rows.append((f"mlcore vmap chunk={a.chunk_size}", mlcore_step("vmap", a.chunk_size), False, ""))
+            chunks = -(-problem.tasks.meta_batch // a.chunk_size)
+            rows.append((f"mlcore vmap chunk={a.chunk_size}" + (", eager" if chunks > 1 else ""),
+                         mlcore_step("vmap", a.chunk_size), False, ""))
     torch_bn = kind == "maml" and a.norm == "batch"
     rows.append(("torch.func.vmap recipe" + (", nn.BatchNorm2d" if torch_bn else ""), functorch_recipe_step,
                  torch_bn, "naive fast version" if torch_bn else "independent vmap implementation"))

@@ -26,7 +26,8 @@ Gradients are taken with ``torch.func.grad``, which composes with ``torch.func.v
 and with ordinary autograd (the outer, meta-gradient). The adapted parameters stay functions of θ,
 so back-propagating the query loss through them yields the exact second-order meta-gradient,
 ∇_θ L_query(θ_K) = Π_k (I − α H_k) ∇ L_query(θ_K), computed with Hessian-vector products only.
-``first_order=True`` detaches the inner gradient in exactly one place below; everything else is
+``first_order=True`` detaches the inner gradient in exactly one place below (by taking it at a
+detached θ_k, so that no graph of the inner backward pass is even recorded); everything else is
 identical, so FOMAML differs from MAML by exactly the Hessian terms.
 
 Nothing here swaps weights through ``.data``, ``load_state_dict`` or ``deepcopy``: the network is
@@ -44,8 +45,8 @@ from torch.func import functional_call
 
 from .tasks import TaskBatch
 
-__all__ = ["inner_loop", "query_losses", "resolve_strategy", "InnerLR", "LossFn", "InnerLoopDivergedError",
-           "check_params", "raise_if_diverged", "STRATEGIES"]
+__all__ = ["inner_loop", "query_losses", "task_mean", "grad_inputs", "resolve_strategy", "InnerLR", "LossFn",
+           "InnerLoopDivergedError", "check_params", "raise_if_diverged", "STRATEGIES"]
 
 STRATEGIES = ("auto", "loop", "vmap")
 
@@ -174,18 +175,37 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
                                  f"broadcast to the parameter's shape {tuple(params[n].shape)}; give a scalar or "
                                  f"a tensor shaped like the parameter (per-step rates: a list of inner_steps rates)")
 
-    def support_loss(moving: dict[str, Tensor], fixed: dict[str, Tensor]) -> Tensor:
+    def support_loss(moving: dict[str, Tensor], fixed: dict[str, Tensor], x: Tensor) -> Tensor:
         return loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y)
 
     grad_fn = torch.func.grad(support_loss)
+    plain_autograd = not _inside_functorch([x, *params.values()])   # not under vmap (or another transform)
+
+    def constant_grad(moving: dict[str, Tensor], fixed: dict[str, Tensor]) -> dict[str, Tensor]:
+        """∇L_support at a detached copy of θ_k (and of x, which ANIL's body features make differentiable).
+
+        torch.func.grad always records the graph of its backward pass, for higher derivatives; outside
+        a transform, plain autograd with create_graph=False computes the same gradient without it.
+        """
+        moving, fixed = ({n: t.detach() for n, t in part.items()} for part in (moving, fixed))
+        if not plain_autograd:
+            return grad_fn(moving, fixed, x.detach())
+        with torch.enable_grad():   # also under an outer no_grad (evaluation)
+            leaves = {n: t.requires_grad_() for n, t in moving.items()}
+            grads = torch.autograd.grad(support_loss(leaves, fixed, x.detach()), list(leaves.values()),
+                                        allow_unused=True, materialize_grads=True)
+        return dict(zip(leaves, grads, strict=True))
+
     trajectory = [dict(params)]
     theta = dict(params)
     for k in range(inner_steps):
         moving = {n: theta[n] for n in names}
         fixed = {n: t for n, t in theta.items() if n not in moving}
-        grads = grad_fn(moving, fixed)
-        if first_order:  # FOMAML: the one and only place where second-order terms are dropped
-            grads = {n: g.detach() for n, g in grads.items()}
+        if first_order:  # FOMAML: the one and only place where second-order terms are dropped:
+            # the inner gradient is a constant (detached), taken without recording any graph.
+            grads = {n: g.detach() for n, g in constant_grad(moving, fixed).items()}
+        else:
+            grads = grad_fn(moving, fixed, x)
         theta = {**theta, **{n: moving[n] - rates[k][n] * grads[n] for n in names}}
         trajectory.append(theta)
     return trajectory
@@ -207,6 +227,8 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> s
     ``"auto"``: vmap on a GPU (one kernel launch for the whole meta-batch instead of one per task);
     on a CPU, vmap for networks without convolutions and loop for convolutional ones — on a 2-core CPU,
     batched convolutions under vmap measured slower than the per-task loop (``python -m mlcore.bench``).
+    The loop then differentiates task by task (``eager``, see :func:`task_mean`), as a hand-written
+    per-task ``loss.backward()`` loop does, so it matches that loop's speed and memory.
     Models holding ``torch.nn`` batch-norm layers always get ``"loop"``: under vmap their affine form
     returns a wrong second-order meta-gradient without any error; use ``Conv4(norm="batch")``, whose
     :class:`~mlcore.models.BatchStatNorm2d` is exact under vmap.
@@ -242,8 +264,9 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     (meta_batch, n_query, *output_shape), for accuracies.
 
     ``strategy``: ``"loop"``, ``"vmap"`` or ``"auto"`` (see :func:`resolve_strategy`). ``chunk_size``
-    (vmap only) bounds memory by vmapping over at most that many tasks at a time; on a GPU smaller
-    chunks trade speed for peak memory.
+    (vmap only) vmaps over at most that many tasks at a time. Every task's graph stays alive in the
+    result; the meta-losses (:func:`mlcore.maml.meta_loss` ...) bound that memory by differentiating
+    chunk by chunk (:func:`task_mean`).
     """
     if not isinstance(tasks, TaskBatch):
         raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
@@ -281,3 +304,150 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     if eval_steps is None:
         losses = losses[:, 0]
     return (losses, outputs) if return_outputs else losses
+
+
+# ----------------------------------------------------------------------------- the mean over tasks
+class _PrecomputedGradient(torch.autograd.Function):
+    """The meta-loss as a node whose gradient was already computed, task by task (``eager`` mode).
+
+    forward(value, outputs, grads, *inputs) returns copies of ``value`` and ``outputs``; backward hands
+    ``grad_value · grads[i]`` to ``inputs[i]``. The value and its first derivative are exact; a second
+    derivative or a gradient through the outputs cannot be had from it, so both raise.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, outputs: Tensor, grads: tuple[Tensor | None, ...], *inputs: Tensor):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)  # unused outputs get None, so a gradient into them can be told apart
+        return value.clone(), outputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor | None, grad_outputs: Tensor | None):
+        if grad_outputs is not None:
+            raise RuntimeError(
+                "a gradient reached the query outputs returned by a meta-loss computed with eager=True (per-task "
+                "backward): each task's graph was freed as soon as its meta-gradient was taken, so only the "
+                "loss itself is differentiable. Pass eager=False to keep the whole graph.")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "create_graph=True (a second derivative) through a meta-loss computed with eager=True (per-task "
+                "backward): its gradient was computed task by task and the graphs freed, so it can be "
+                "differentiated once only. Pass eager=False to keep the whole graph.")
+        no_grad = (None, None, None)
+        if grad_value is None:
+            return (*no_grad, *(None for _ in ctx.grads))
+        return (*no_grad, *(None if g is None else g * grad_value for g in ctx.grads))
+
+
+def grad_inputs(*objects: object) -> list[Tensor]:
+    """Every tensor that requires grad inside ``objects`` (tensors, dicts, lists, TaskBatch), once each."""
+    found: dict[int, Tensor] = {}
+
+    def visit(obj: object) -> None:
+        if isinstance(obj, Tensor):
+            if obj.requires_grad:
+                found.setdefault(id(obj), obj)
+        elif isinstance(obj, TaskBatch):
+            visit([obj.x_support, obj.y_support, obj.x_query, obj.y_query])
+        elif isinstance(obj, Mapping):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+            for value in obj:
+                visit(value)
+    visit(objects)
+    return list(found.values())
+
+
+def _unseen_leaves(root: Tensor, inputs: Sequence[Tensor]) -> list[str]:
+    """Leaf tensors that ``root`` depends on other than through ``inputs`` (e.g. a loss_fn closing over a
+    learnable tensor): the eager mode differentiates w.r.t. ``inputs`` only, so it would miss them."""
+    leaves = {id(t) for t in inputs if t.grad_fn is None}
+    stops = {(t.grad_fn, t.output_nr) for t in inputs if t.grad_fn is not None}  # non-leaf inputs
+    unseen, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold a leaf
+        if variable is not None:
+            if id(variable) not in leaves:
+                unseen.append(f"a {tuple(variable.shape)} {str(variable.dtype).removeprefix('torch.')} tensor")
+            continue
+        stack.extend(nxt for nxt, nr in node.next_functions if (nxt, nr) not in stops)
+    return unseen
+
+
+def _inside_functorch(tensors: Sequence[Tensor]) -> bool:
+    """True inside a torch.func transform (grad, vmap, ...), where an autograd.Function may not run."""
+    return torch._C._functorch.maybe_current_level() is not None or any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def task_mean(task_losses: Callable[[TaskBatch], tuple[Tensor, Tensor]], tasks: TaskBatch, *, how: str,
+              chunk_size: int | None, inputs: Sequence[Tensor], weights: Tensor | None = None,
+              eager: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The meta-loss (1/B) Σ_i ℓ_i over the B tasks, computed a chunk of tasks at a time; (loss, outputs).
+
+    ``task_losses(sub_batch)`` returns the query losses (b, S) of b tasks (S = evaluated inner steps) and
+    their query outputs; ℓ_i = Σ_s w_s L_{i,s} with ``weights`` w (MAML++'s multi-step loss), else
+    ℓ_i = L_{i,0}. Chunks: one task with ``how="loop"``, ``chunk_size`` tasks (all by default) with
+    ``"vmap"``.
+
+    ``eager`` (the memory of one chunk instead of the whole meta-batch): with ``eager``, each chunk's
+    contribution is differentiated w.r.t. ``inputs`` (the tensors requiring grad: θ, learnable rates,
+    weights) as soon as it is computed, the gradients are summed and the chunk's graph is freed; the
+    returned loss carries the summed gradient, so ``.backward()`` gives exactly the same meta-gradient as
+    keeping the graph, but it can be back-propagated only once (no ``create_graph``) and not through the
+    returned outputs (both raise). This is what a per-task ``loss.backward()`` loop does, behind the
+    scalar-returning API. ``None`` (default): eager when grad mode is on, some input requires grad,
+    there are several chunks and no torch.func transform is active; if the first chunk turns out to
+    depend on a learnable tensor outside ``inputs`` (a ``loss_fn`` closing over one), the whole graph
+    is kept instead, which is exact too. ``True``: eager, raising in that case; ``False``: keep the graph.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chunk_size is not None and how != "vmap":
+        raise ValueError(f"chunk_size applies to strategy='vmap' only (resolved strategy: {how!r})")
+    if eager not in (None, True, False):
+        raise TypeError(f"eager must be True, False or None (automatic), got {eager!r}")
+    batch = tasks.meta_batch
+    size = 1 if how == "loop" else (chunk_size or batch)
+    starts = range(0, batch, size)
+    inputs = [t for t in inputs if t.requires_grad]
+    transformed = _inside_functorch([*inputs, tasks.x_support])
+    if eager and transformed:
+        raise ValueError("eager=True inside a torch.func transform (grad, vmap, jacrev, ...): the per-task "
+                         "backward needs plain autograd; use eager=False or None there")
+    use_eager = torch.is_grad_enabled() and bool(inputs) and not transformed and (eager or (
+        eager is None and len(starts) > 1))
+
+    def reduce(losses: Tensor) -> Tensor:  # (b, S) -> (b,)
+        return losses @ weights if weights is not None else losses[:, 0]
+
+    parts = []  # (ℓ (b,), outputs) of the chunks whose graph is kept
+    if use_eager:
+        value, total, outputs = tasks.x_query.new_zeros(()), [None] * len(inputs), []
+        for n, start in enumerate(starts):
+            losses, out = task_losses(tasks[start:start + size])
+            part = reduce(losses).sum() / batch
+            unseen = _unseen_leaves(part, inputs)
+            if unseen and n == 0 and eager is None:
+                parts.append((reduce(losses), out))   # keep this graph and every later one
+                break
+            if unseen:
+                raise ValueError(
+                    f"eager=True, but the query loss depends on learnable tensors it was not given "
+                    f"({', '.join(unseen[:3])}; e.g. a loss_fn that closes over a parameter), whose "
+                    f"gradient the per-task backward would drop. Pass eager=False (or None).")
+            grads = torch.autograd.grad(part, inputs, allow_unused=True)
+            total = [g if t is None else t if g is None else t + g for t, g in zip(total, grads, strict=True)]
+            value = value + part.detach()
+            outputs.append(out.detach())
+        else:
+            return _PrecomputedGradient.apply(value, torch.cat(outputs), tuple(total), *inputs)
+    for start in starts[len(parts):]:
+        losses, out = task_losses(tasks[start:start + size])
+        parts.append((reduce(losses), out))
+    return torch.cat([p[0] for p in parts]).mean(), torch.cat([p[1] for p in parts])

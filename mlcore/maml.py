@@ -33,7 +33,8 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .inner import InnerLR, LossFn, check_params, inner_loop, query_losses, raise_if_diverged
+from .inner import (InnerLR, LossFn, check_params, grad_inputs, inner_loop, query_losses, raise_if_diverged,
+                    resolve_strategy, task_mean)
 from .tasks import TaskBatch
 
 __all__ = ["adapt", "meta_loss", "predict", "per_step_learning_rates"]
@@ -60,7 +61,8 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
 def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
               inner_lr: InnerLR, inner_steps: int, first_order: bool = False, strategy: str = "auto",
               chunk_size: int | None = None, step_weights: Sequence[float] | Tensor | None = None,
-              check_finite: bool = True, return_outputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              check_finite: bool = True, return_outputs: bool = False,
+              eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The MAML meta-objective: mean over tasks of the query loss after ``inner_steps`` inner steps.
 
     Differentiable w.r.t. ``params`` (and w.r.t. learnable ``inner_lr`` tensors): call ``.backward()``
@@ -68,26 +70,38 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
 
     Args:
         strategy: ``"loop"`` (per task), ``"vmap"`` (all tasks batched) or ``"auto"``; all give the same
-            value and gradient (tested against float64 finite differences). ``chunk_size`` bounds the
-            vmap batch to trade speed for memory.
+            value and gradient (tested against float64 finite differences). ``chunk_size`` vmaps that
+            many tasks at a time.
         step_weights: MAML++ multi-step loss weights (w_1 … w_K), length ``inner_steps``.
         check_finite: raise :class:`~mlcore.inner.InnerLoopDivergedError` (one device sync) instead of
             returning inf/NaN when the inner loop diverges.
         return_outputs: also return the query outputs after adaptation, (meta_batch, n_query, ...).
+        eager: per-task (per-chunk) backward, see :func:`mlcore.inner.task_mean`. By default, when the
+            tasks run one at a time (``"loop"``) or in several vmap chunks, each task's meta-gradient is
+            taken as soon as its query loss is known and its graph freed: peak memory of one task (or
+            chunk) instead of the whole meta-batch, same gradient, but the loss can be back-propagated
+            once only (``eager=False`` keeps the graph for ``create_graph=True``).
 
     Returns the scalar loss (and the outputs when asked).
     """
-    eval_steps = None
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
+    check_params(model, params)
+    eval_steps, weights = [inner_steps], None
     if step_weights is not None:
         weights = torch.as_tensor(step_weights, dtype=tasks.x_query.dtype, device=tasks.device)
         if weights.shape != (inner_steps,):
             raise ValueError(f"step_weights needs one weight per inner step (inner_steps={inner_steps}), "
                              f"got shape {tuple(weights.shape)}")
         eval_steps = list(range(1, inner_steps + 1))
-    losses, outputs = query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr,
-                                   inner_steps=inner_steps, first_order=first_order, eval_steps=eval_steps,
-                                   strategy=strategy, chunk_size=chunk_size, return_outputs=True)
-    loss = (losses @ weights).mean() if step_weights is not None else losses.mean()  # (B, K) @ (K,) -> (B,)
+    how = resolve_strategy(strategy, model, tasks.device)
+
+    def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, len(eval_steps)), (b, n_query, ...)
+        return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                            first_order=first_order, eval_steps=eval_steps, strategy=how, return_outputs=True)
+
+    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, weights=weights, eager=eager,
+                              inputs=grad_inputs(params, inner_lr, weights, tasks))
     if check_finite:
         raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps)
     return (loss, outputs) if return_outputs else loss

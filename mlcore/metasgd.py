@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .inner import LossFn, check_params, query_losses, raise_if_diverged
+from .inner import LossFn, check_params, grad_inputs, query_losses, raise_if_diverged, resolve_strategy, task_mean
 from .tasks import TaskBatch
 
 __all__ = ["init_inner_lrs", "meta_loss", "predict"]
@@ -79,20 +79,26 @@ def _check_inner_lrs(params: Mapping[str, Tensor], inner_lrs: Mapping[str, Tenso
 def meta_loss(model: nn.Module, params: Mapping[str, Tensor], inner_lrs: Mapping[str, Tensor], tasks: TaskBatch, *,
               loss_fn: LossFn, inner_steps: int, first_order: bool = False, strategy: str = "auto",
               chunk_size: int | None = None, check_finite: bool = True,
-              return_outputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              return_outputs: bool = False, eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The Meta-SGD objective: mean over tasks of L_query(θ'), θ' from ``inner_steps`` steps θ − α ⊙ ∇L.
 
-    Differentiable w.r.t. ``params`` (θ) and ``inner_lrs`` (α). ``strategy``/``chunk_size`` batch the
-    tasks as in :func:`mlcore.inner.query_losses`; ``check_finite`` raises
+    Differentiable w.r.t. ``params`` (θ) and ``inner_lrs`` (α). ``strategy``/``chunk_size``/``eager``
+    batch the tasks and bound memory as in :func:`mlcore.maml.meta_loss`; ``check_finite`` raises
     :class:`~mlcore.inner.InnerLoopDivergedError` instead of returning inf/NaN; ``return_outputs`` also
     returns the adapted query outputs, (meta_batch, n_query, ...).
     """
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
     check_params(model, params)
     _check_inner_lrs(params, inner_lrs)
-    losses, outputs = query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=dict(inner_lrs),
-                                   inner_steps=inner_steps, first_order=first_order, strategy=strategy,
-                                   chunk_size=chunk_size, return_outputs=True)
-    loss = losses.mean()  # (B,) -> ()
+    how = resolve_strategy(strategy, model, tasks.device)
+
+    def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, 1), (b, n_query, ...)
+        return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=dict(inner_lrs), inner_steps=inner_steps,
+                            first_order=first_order, eval_steps=[inner_steps], strategy=how, return_outputs=True)
+
+    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
+                              inputs=grad_inputs(params, inner_lrs, tasks))
     if check_finite:
         raise_if_diverged(loss.detach(), inner_lr=inner_lrs, inner_steps=inner_steps)
     return (loss, outputs) if return_outputs else loss

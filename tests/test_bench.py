@@ -45,8 +45,9 @@ def test_maml_bench_rows_and_gradient_checks(tmp_path, capsys):
     assert "SYNTHETIC" in printed and "CPU:" in printed
 
     rows = rows_by_key(report)
-    expected = ["per-task autograd loop", "higher 0.2.1 innerloop_ctx", "mlcore loop", "mlcore vmap",
-                "mlcore vmap chunk=1", "mlcore auto (-> loop)", "torch.func.vmap recipe, nn.BatchNorm2d"]
+    expected = ["per-task autograd loop", "higher 0.2.1 innerloop_ctx", "mlcore loop, eager", "mlcore loop, whole graph",
+                "mlcore vmap", "mlcore vmap chunk=1, eager", "mlcore auto (-> loop, eager)",
+                "torch.func.vmap recipe, nn.BatchNorm2d"]
     assert list(rows) == [("floor: plain fwd+bwd, one batch", "-")] + [
         (m, order) for order in ("2nd", "1st") for m in expected]
     for (method, _), row in rows.items():

@@ -22,17 +22,7 @@ from mlcore.inner import inner_loop, query_losses, resolve_strategy
 from mlcore.models import MLP, Conv4
 from mlcore.tasks import SineTasks, TaskBatch
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread costs more than it saves (measured ~10x the CPU time on a busy
-    2-core machine), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 F64 = torch.float64
 FD_STEP = 1e-6
@@ -82,18 +72,21 @@ def setup(kind: str, dtype: torch.dtype = F64, seed: int = 0):
     return model, leaves, names, tasks, loss_fn, lr
 
 
-STRATEGIES = [("loop", None), ("vmap", None), ("vmap", 1)]
+# (strategy, chunk_size, eager): the default eager=None differentiates task by task for "loop" and for
+# vmap chunks (tests/test_eager.py), so eager=False adds the loop that keeps the whole graph.
+STRATEGIES = [("loop", None, None), ("loop", None, False), ("vmap", None, None), ("vmap", 1, None)]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv-batch", "conv-group"])
-@pytest.mark.parametrize("strategy,chunk_size", STRATEGIES, ids=["loop", "vmap", "vmap-chunk1"])
+@pytest.mark.parametrize("strategy,chunk_size,eager", STRATEGIES,
+                         ids=["loop-eager", "loop-graph", "vmap", "vmap-chunk1-eager"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
-def test_maml_meta_gradient_matches_finite_differences(kind, strategy, chunk_size, inner_steps):
+def test_maml_meta_gradient_matches_finite_differences(kind, strategy, chunk_size, eager, inner_steps):
     model, leaves, names, tasks, loss_fn, lr = setup(kind)
 
     def f(ts):
         return maml.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, loss_fn=loss_fn, inner_lr=lr,
-                              inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size)
+                              inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size, eager=eager)
     assert directional_fd_error(f, leaves, torch.Generator().manual_seed(1)) < FD_TOL
 
 
@@ -176,6 +169,29 @@ def test_trajectory_starts_at_params_and_adapt_freezes_the_rest():
         assert not torch.equal(theta["head.weight"], params["head.weight"])
     assert inner_loop(model, params, tasks.x_support[0], tasks.y_support[0], loss_fn=loss_fn, inner_lr=lr,
                       inner_steps=0) == [params]
+
+
+def test_first_order_inner_gradient_is_a_constant_of_everything():
+    """FOMAML: θ_1 = θ_0 − α g with g constant, so dθ_1/dθ_0 = I and nothing else reaches θ_1 through g —
+    not the inputs x (ANIL's differentiable body features) nor a learnable tensor inside loss_fn."""
+    model, leaves, names, tasks, loss_fn, lr = setup("mlp")
+    params = dict(zip(names, leaves, strict=True))
+    scale = torch.tensor(1.3, dtype=F64, requires_grad=True)        # a learnable tensor in the loss
+    x = (tasks.x_support[0] * 1.0).requires_grad_()                 # differentiable inputs
+
+    def scaled_loss(outputs, y):
+        return loss_fn(scale * outputs, y)
+    theta1 = inner_loop(model, params, x, tasks.y_support[0], loss_fn=scaled_loss, inner_lr=lr, inner_steps=1,
+                        first_order=True)[1]
+    v = {n: torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(3)) for n, p in params.items()}
+    dot = sum((theta1[n] * v[n]).sum() for n in names)
+    grads = torch.autograd.grad(dot, [*leaves, x, scale], allow_unused=True)
+    for n, g in zip(names, grads[:len(names)], strict=True):
+        torch.testing.assert_close(g, v[n], rtol=0, atol=0)           # identity Jacobian: no Hessian term
+    assert grads[-2] is None and grads[-1] is None
+    second = inner_loop(model, params, x, tasks.y_support[0], loss_fn=scaled_loss, inner_lr=lr, inner_steps=1)[1]
+    grads_2nd = torch.autograd.grad(sum((second[n] * v[n]).sum() for n in names), [x, scale])
+    assert all(float(g.abs().sum()) > 0 for g in grads_2nd)          # second order: both do reach θ_1
 
 
 def test_inner_loop_errors_teach():
