@@ -23,7 +23,8 @@ step (MAML++'s per-layer per-step learning rates, Antoniou et al. 2019). Tensors
 grad: the adapted parameters are differentiable functions of them.
 
 Gradients are taken with ``torch.func.grad``, which composes with ``torch.func.vmap`` (tasks batched)
-and with ordinary autograd (the outer, meta-gradient). The adapted parameters stay functions of θ,
+and with ordinary autograd (the outer, meta-gradient); outside a torch.func transform, with
+``torch.autograd.grad`` (``create_graph=True``), the same gradient with less bookkeeping. The adapted parameters stay functions of θ,
 so back-propagating the query loss through them yields the exact second-order meta-gradient,
 ∇_θ L_query(θ_K) = Π_k (I − α H_k) ∇ L_query(θ_K), computed with Hessian-vector products only.
 ``first_order=True`` detaches the inner gradient in exactly one place below (by taking it at a
@@ -179,21 +180,27 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
         return loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y)
 
     grad_fn = torch.func.grad(support_loss)
-    plain_autograd = not _inside_functorch([x, *params.values()])   # not under vmap (or another transform)
+    # Outside torch.func transforms (the loop strategy, adapt) plain autograd computes the same gradient as
+    # torch.func.grad with less bookkeeping: torch.func.grad always records the graph of its backward
+    # pass (for higher derivatives), autograd only with create_graph, i.e. where a meta-gradient needs it.
+    plain_autograd = not _inside_functorch([x, *params.values()])
+    differentiable = torch.is_grad_enabled()   # under no_grad (evaluation) nothing is differentiated later
 
-    def constant_grad(moving: dict[str, Tensor], fixed: dict[str, Tensor]) -> dict[str, Tensor]:
-        """∇L_support at a detached copy of θ_k (and of x, which ANIL's body features make differentiable).
-
-        torch.func.grad always records the graph of its backward pass, for higher derivatives; outside
-        a transform, plain autograd with create_graph=False computes the same gradient without it.
-        """
-        moving, fixed = ({n: t.detach() for n, t in part.items()} for part in (moving, fixed))
+    def support_grad(moving: dict[str, Tensor], fixed: dict[str, Tensor], create_graph: bool) -> dict[str, Tensor]:
+        """∇L_support(θ_k) w.r.t. the moving parameters; a differentiable function of θ (and x) with
+        ``create_graph``, else taken at a detached copy of θ_k and x (ANIL's body features are a
+        differentiable x), so that no graph is recorded only to be thrown away."""
+        inputs = x
+        if not create_graph:
+            moving, fixed = ({n: t.detach() for n, t in part.items()} for part in (moving, fixed))
+            inputs = x.detach()
         if not plain_autograd:
-            return grad_fn(moving, fixed, x.detach())
+            return grad_fn(moving, fixed, inputs)
         with torch.enable_grad():   # also under an outer no_grad (evaluation)
-            leaves = {n: t.requires_grad_() for n, t in moving.items()}
-            grads = torch.autograd.grad(support_loss(leaves, fixed, x.detach()), list(leaves.values()),
-                                        allow_unused=True, materialize_grads=True)
+            # a tensor that does not require grad has no derivative to pass on: a fresh leaf stands in for it
+            leaves = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in moving.items()}
+            grads = torch.autograd.grad(support_loss(leaves, fixed, inputs), list(leaves.values()),
+                                        create_graph=create_graph, allow_unused=True, materialize_grads=True)
         return dict(zip(leaves, grads, strict=True))
 
     trajectory = [dict(params)]
@@ -203,9 +210,9 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
         fixed = {n: t for n, t in theta.items() if n not in moving}
         if first_order:  # FOMAML: the one and only place where second-order terms are dropped:
             # the inner gradient is a constant (detached), taken without recording any graph.
-            grads = {n: g.detach() for n, g in constant_grad(moving, fixed).items()}
+            grads = {n: g.detach() for n, g in support_grad(moving, fixed, create_graph=False).items()}
         else:
-            grads = grad_fn(moving, fixed, x)
+            grads = support_grad(moving, fixed, create_graph=differentiable)
         theta = {**theta, **{n: moving[n] - rates[k][n] * grads[n] for n in names}}
         trajectory.append(theta)
     return trajectory

@@ -171,6 +171,30 @@ def test_trajectory_starts_at_params_and_adapt_freezes_the_rest():
                       inner_steps=0) == [params]
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_plain_autograd_and_torch_func_paths_agree(first_order):
+    """Outside a transform the inner loop uses torch.autograd.grad, inside one torch.func.grad: the
+    adapted parameters and their derivatives w.r.t. the inputs x must agree, also when θ does not
+    require grad (ANIL's head over differentiable features is such a case)."""
+    model, leaves, names, tasks, loss_fn, lr = setup("conv-batch")
+    params = {n: p.detach() for n, p in zip(names, leaves, strict=True)}        # θ without grad
+    v = {n: torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(5)) for n, p in params.items()}
+
+    def projection(x):  # <θ_2(x), v>
+        theta = inner_loop(model, params, x, tasks.y_support[0], loss_fn=loss_fn, inner_lr=lr, inner_steps=2,
+                           first_order=first_order)[-1]
+        return sum((theta[n] * v[n]).sum() for n in names)
+    x = tasks.x_support[0].clone().requires_grad_()
+    value = projection(x)
+    functorch = torch.func.grad(projection)(tasks.x_support[0])
+    if first_order:                                            # FOMAML: θ_2 is a constant of x
+        assert not value.requires_grad and float(functorch.abs().sum()) == 0
+        return
+    plain = torch.autograd.grad(value, x)[0]
+    torch.testing.assert_close(plain, functorch, rtol=1e-10, atol=1e-14)
+    assert float(plain.abs().sum()) > 0
+
+
 def test_first_order_inner_gradient_is_a_constant_of_everything():
     """FOMAML: θ_1 = θ_0 − α g with g constant, so dθ_1/dθ_0 = I and nothing else reaches θ_1 through g —
     not the inputs x (ANIL's differentiable body features) nor a learnable tensor inside loss_fn."""
