@@ -22,14 +22,18 @@ Learning rates: a number (MAML); a dict name → tensor shaped like the paramete
 step (MAML++'s per-layer per-step learning rates, Antoniou et al. 2019). Tensors may require
 grad: the adapted parameters are differentiable functions of them.
 
-Gradients are taken with ``torch.func.grad``, which composes with ``torch.func.vmap`` (tasks batched)
-and with ordinary autograd (the outer, meta-gradient); outside a torch.func transform, with
-``torch.autograd.grad`` (``create_graph=True``), the same gradient with less bookkeeping. The adapted parameters stay functions of θ,
-so back-propagating the query loss through them yields the exact second-order meta-gradient,
+Under ``torch.func.vmap`` (tasks batched) gradients are taken with ``torch.func.grad``; outside a
+transform with ``torch.autograd.grad(create_graph=True)``, the same gradient with less bookkeeping.
+Either way the adapted parameters stay functions of θ, so back-propagating the query loss through
+them yields the exact second-order meta-gradient,
 ∇_θ L_query(θ_K) = Π_k (I − α H_k) ∇ L_query(θ_K), computed with Hessian-vector products only.
-``first_order=True`` detaches the inner gradient in exactly one place below (by taking it at a
-detached θ_k, so that no graph of the inner backward pass is even recorded); everything else is
-identical, so FOMAML differs from MAML by exactly the Hessian terms.
+``first_order=True`` detaches the inner gradient in exactly one place below (taking it at a detached
+θ_k, so that no graph of the inner backward pass is even recorded); everything else is identical, so
+FOMAML differs from MAML by exactly the Hessian terms.
+
+Over a meta-batch: :func:`query_losses` runs the tasks one by one (``"loop"``) or batched
+(``"vmap"``); :func:`task_mean` averages them into the meta-loss, by default differentiating each
+task (or vmap chunk) as soon as its loss is known, so that only one task's graph is alive at a time.
 
 Nothing here swaps weights through ``.data``, ``load_state_dict`` or ``deepcopy``: the network is
 always called with ``torch.func.functional_call`` on the parameter dict.
