@@ -439,7 +439,7 @@ def task_mean(task_losses: Callable[[TaskBatch], tuple[Tensor, Tensor]], tasks: 
 
     parts = []  # (ℓ (b,), outputs) of the chunks whose graph is kept
     if use_eager:
-        value, total, outputs = tasks.x_query.new_zeros(()), [None] * len(inputs), []
+        value, total, outputs = None, [None] * len(inputs), []
         for n, start in enumerate(starts):
             losses, out = task_losses(tasks[start:start + size])
             part = reduce(losses).sum() / batch
@@ -448,13 +448,14 @@ def task_mean(task_losses: Callable[[TaskBatch], tuple[Tensor, Tensor]], tasks: 
                 parts.append((reduce(losses), out))   # keep this graph and every later one
                 break
             if unseen:
+                where = "eager=True, but the query loss" if eager else f"the query loss of task chunk {n}"
                 raise ValueError(
-                    f"eager=True, but the query loss depends on learnable tensors it was not given "
-                    f"({', '.join(unseen[:3])}; e.g. a loss_fn that closes over a parameter), whose "
-                    f"gradient the per-task backward would drop. Pass eager=False (or None).")
+                    f"{where} depends on learnable tensors it was not given ({', '.join(unseen[:3])}; e.g. a "
+                    f"loss_fn that closes over a parameter), whose gradient the per-task backward would drop. "
+                    f"Pass eager=False to keep the whole graph.")
             grads = torch.autograd.grad(part, inputs, allow_unused=True)
             total = [g if t is None else t if g is None else t + g for t, g in zip(total, grads, strict=True)]
-            value = value + part.detach()
+            value = part.detach() if value is None else value + part.detach()
             outputs.append(out.detach())
         else:
             return _PrecomputedGradient.apply(value, torch.cat(outputs), tuple(total), *inputs)

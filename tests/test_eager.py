@@ -200,7 +200,8 @@ def test_a_learnable_tensor_hidden_in_loss_fn_keeps_the_graph_or_raises():
     assert "_PrecomputedGradientBackward" not in node_names(auto)      # it fell back to the whole graph
     g = torch.autograd.grad(auto, leaves)
     assert relative(g, torch.autograd.grad(loss(False), leaves)) < TOL and float(g[-1].abs()) > 0
-    with pytest.raises(ValueError, match=r"learnable tensors it was not given \(a \(\) float64 tensor"):
+    with pytest.raises(ValueError, match=r"eager=True, but .* learnable tensors it was not given \(a \(\) float64 "
+                                         r"tensor.*eager=False"):
         loss(True)
 
 
@@ -226,3 +227,23 @@ def test_bad_eager_and_chunk_size_raise():
         maml.meta_loss(model, params, tasks, strategy="vmap", chunk_size=0, **kw)
     with pytest.raises(ValueError, match="strategy='vmap' only"):
         maml.meta_loss(model, params, tasks, strategy="loop", chunk_size=2, **kw)
+
+
+def test_a_hidden_learnable_tensor_seen_only_in_a_later_task_raises():
+    """The first task decides eager=None's fallback; if a later task reveals a hidden learnable tensor,
+    its gradient cannot be recovered any more, so the loss refuses instead of dropping it."""
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1).double()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    x = torch.linspace(-1, 1, 5, dtype=F64)[None, :, None].expand(2, -1, -1).clone()   # (2 tasks, 5, 1)
+    y = torch.stack([-torch.ones(5, 1, dtype=F64), torch.ones(5, 1, dtype=F64)])        # task 1: y > 0
+    tasks = TaskBatch(x, y, x, y)
+    scale = torch.tensor(2.0, dtype=F64, requires_grad=True)
+
+    def loss_fn(outputs, target):  # the learnable scale only enters for targets above zero
+        return F.mse_loss(outputs * scale if float(target.sum()) > 0 else outputs, target)
+    with pytest.raises(ValueError, match="query loss of task chunk 1 depends on learnable tensors"):
+        maml.meta_loss(model, params, tasks, loss_fn=loss_fn, inner_lr=0.1, inner_steps=1, strategy="loop")
+    loss = maml.meta_loss(model, params, tasks, loss_fn=loss_fn, inner_lr=0.1, inner_steps=1, strategy="loop",
+                          eager=False)
+    assert float(torch.autograd.grad(loss, scale)[0].abs()) > 0
