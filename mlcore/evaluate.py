@@ -130,3 +130,10 @@ def evaluate(predict: Callable[[TaskBatch], Tensor], sampler: Sampler, *, n_epis
         if bar is not None:
             bar.close()
     return Accuracy.from_episodes(torch.cat(accuracies))
+
+
+if __name__ == "__main__":  # python -m mlcore.evaluate RUN …  (see mlcore.cli)
+    import sys
+
+    from mlcore.cli import evaluate_main
+    sys.exit(evaluate_main())

@@ -51,7 +51,7 @@ from torch.func import functional_call
 from .inner import LossFn, _check_params_match_tasks, check_params, inner_loop, resolve_strategy
 from .tasks import TaskBatch
 
-__all__ = ["reptile_step", "OPTIMIZERS"]
+__all__ = ["reptile_step", "predict", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -140,3 +140,32 @@ def reptile_step(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
             adapted = _adapt_tasks(model, theta, tasks, how, **kwargs)               # (B, *shape) each
             theta = {n: theta[n] + outer_lr * (adapted[n].mean(0) - theta[n]) for n in theta}
     return theta
+
+
+def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+            inner_lr: float, inner_steps: int, optimizer: str = "sgd", strategy: str = "auto",
+            adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> Tensor:
+    """Meta-test: adapt θ to each support set with the inner optimiser Reptile trained with (``inner_steps``
+    steps of SGD or Adam from fresh moments), return the query outputs (meta_batch, n_query, ...), detached.
+
+    Reptile evaluates with its own inner optimiser: an Adam-trained initialisation tested with SGD at
+    Adam's small rate would barely move.
+    """
+    check_params(model, params)
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
+    _check_positive("inner_lr", inner_lr)
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    _check_params_match_tasks(params, tasks)
+    how = resolve_strategy(strategy, model, tasks.device)
+    theta = {n: p.detach() for n, p in params.items()}
+    with torch.no_grad():
+        if inner_steps == 0:
+            return torch.stack([functional_call(model, theta, (x,)) for x in tasks.x_query])
+        adapted = _adapt_tasks(model, theta, tasks, how, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                               optimizer=optimizer, betas=tuple(adam_betas), eps=adam_eps)
+        return torch.stack([functional_call(model, {n: adapted[n][i] for n in theta}, (x,))
+                            for i, x in enumerate(tasks.x_query)])

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +49,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-__all__ = ["History", "meta_train", "save_checkpoint", "load_checkpoint", "CheckpointMismatchError"]
+__all__ = ["History", "meta_train", "save_checkpoint", "load_checkpoint", "CheckpointMismatchError", "atomic_write"]
 
 FORMAT = "mlcore.train/1"
 StepFn = Callable[[int], Mapping[str, Any]]
@@ -203,26 +204,46 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History) -> None:
-    """Write ``state`` (after ``step`` steps) and ``history`` to ``path`` atomically.
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: int = 0o644) -> Path:
+    """Write a file so that readers see either the old file or the whole new one, never a part.
 
-    The file is written next to ``path`` under a temporary name and then renamed over it
-    (``os.replace`` is atomic), so an interruption leaves either the old or the new checkpoint.
+    ``write(f)`` fills a fresh temporary file (opened ``"wb"``) created with a random name in the
+    target folder (``tempfile.mkstemp``: no predictable name, no symlink followed); it is flushed and
+    fsynced, given ``mode``, renamed over ``path`` (``os.replace`` is atomic), and the folder is
+    fsynced so the rename survives a power cut. On any error the temporary file is removed and
+    ``path`` is untouched. Shared by checkpoints, saved models, results records and the Omniglot cache.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "step": step, "state": _capture(dict(state), ""),
-               "history": history.state_dict(), "rng": _rng_states()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)                       # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    try:  # make the rename durable (not possible on every OS / file system)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History) -> None:
+    """Write ``state`` (after ``step`` steps) and ``history`` to ``path`` atomically (:func:`atomic_write`)."""
+    payload = {"format": FORMAT, "step": step, "state": _capture(dict(state), ""),
+               "history": history.state_dict(), "rng": _rng_states()}
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int, History]:
@@ -308,3 +329,10 @@ def _as_floats(metrics: Any, step: int) -> dict[str, float]:
             raise TypeError(f"metric {name!r} at step {step} is a {type(value).__name__}; metrics are numbers")
         out[str(name)] = float(value)
     return out
+
+
+if __name__ == "__main__":  # python -m mlcore.train PRESET …  (see mlcore.cli)
+    import sys
+
+    from mlcore.cli import train_main
+    sys.exit(train_main())

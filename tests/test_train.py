@@ -159,3 +159,27 @@ def test_history_plots_easily():
     with pytest.raises(KeyError, match="no metric 'acc'"):
         h["acc"]
     assert not any(math.isnan(t) for t in h.wall_time)
+
+
+def test_atomic_write_failure_leaves_the_old_file_and_no_temporary(tmp_path):
+    from mlcore.train import atomic_write
+    target = tmp_path / "file.bin"
+    atomic_write(target, lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path):
+    from mlcore.train import atomic_write
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_bytes(b"keep me")
+    link = tmp_path / "checkpoint.pt"
+    link.symlink_to(elsewhere)
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert elsewhere.read_bytes() == b"keep me" and not link.is_symlink() and link.read_bytes() == b"new"

@@ -300,19 +300,10 @@ def _writable(folder: Path) -> bool:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    # Write a temporary file in the same folder and rename it: readers see the old file or the whole new one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                      # mkstemp creates 0600; a cache beside shared data is read by all
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Readers see the old file or the whole new one (mlcore.train.atomic_write: a random temporary name
+    # in the same folder, fsync, rename); 0644 because a cache beside shared data is read by all.
+    from ..train import atomic_write
+    atomic_write(path, lambda f: torch.save(obj, f), mode=0o644)
 
 
 def _md5(path: Path) -> str:

@@ -1,0 +1,206 @@
+"""Command lines for training and evaluating at a preset's scale.
+
+    python -m mlcore.train --list                                   # the presets and their sources
+    python -m mlcore.train protonet-omniglot-1shot --out runs/pn1 --threads 1
+    python -m mlcore.train maml-omniglot-5w1s --steps 3000 --seed 1 --out runs/maml-s1
+    python -m mlcore.evaluate runs/pn1                              # the preset's test protocol
+    python -m mlcore.evaluate runs/pn1 --n-way 20                   # the same model tested 20-way
+    python -m mlcore.evaluate --summary results                     # every record, seeds pooled
+
+``mlcore train …`` and ``mlcore evaluate …`` are the same commands. Running ``train`` again with the
+same ``--out`` resumes from the last checkpoint (exactly: same weights, episodes and history as an
+uninterrupted run); ``--steps`` larger than before continues a finished run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .presets import PRESETS, Config, get_preset, preset_table
+
+__all__ = ["train_main", "evaluate_main"]
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {text!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: this torch has no CUDA device available; use --device cpu")
+    return device
+
+
+def _threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 is fastest when other jobs share the CPU)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise SystemExit(f"--threads must be a positive integer, got {n}")
+        torch.set_num_threads(n)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcore.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one method from a named preset (the papers' protocols); every option below "
+                    "overrides the preset's value.", epilog=__doc__)
+    parser.add_argument("preset", nargs="?", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--list", action="store_true", help="print the presets, their values and sources")
+    parser.add_argument("--out", default=None, help="run folder (default runs/<preset>-seed<seed>)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _threads(parser)
+    group = parser.add_argument_group("preset values (override)")
+    for f in fields(Config):
+        if f.name in ("method", "preset", "source"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(preset_table())
+        print()
+        for name, preset in PRESETS.items():
+            print(f"{name}: {preset.source}")
+        return 0
+    if not args.preset:
+        parser.error("name a preset (python -m mlcore.train --list shows them)")
+    try:
+        config = get_preset(args.preset)
+        overrides = {f.name: getattr(args, f.name) for f in fields(Config)
+                     if f.name not in ("method", "preset", "source") and getattr(args, f.name) is not None}
+        config = config.replace(**overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    _set_threads(args.threads)
+    device = _device(args.device)
+    out = Path(args.out or f"runs/{config.preset}-seed{config.seed}")
+    from .experiment import RunFolderError, train
+    print(f"{config.preset}: {config.method} on {config.dataset}, {config.steps} steps -> {out} "
+          f"({device}, {torch.get_num_threads()} threads, torch {torch.__version__})", flush=True)
+    try:
+        history = train(config, out, device=device, progress=not args.no_progress,
+                        command=["python", "-m", "mlcore.train", *(sys.argv[1:] if argv is None else argv)])
+    except RunFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume from {out / 'checkpoint.pt'}",
+              file=sys.stderr)
+        return 130
+    metric = "val_acc" if "val_acc" in history else "val_mse"
+    steps, values = history.series(metric) if metric in history else ([], [])
+    if values:
+        print(f"done: {len(history)} steps, {history.wall_time[-1]:.0f} s of training; last {metric} "
+              f"{values[-1]:.4f} at step {steps[-1] + 1}, best {max(values) if metric == 'val_acc' else min(values):.4f}")
+    print(f"evaluate with: python -m mlcore.evaluate {out}")
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcore.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a trained run (its best-on-validation weights) with its preset's test "
+                    "protocol, or an override, and write the run's results record.", epilog=__doc__)
+    parser.add_argument("run", nargs="?", help="a run folder (written by mlcore.train) or its best.pt")
+    parser.add_argument("--summary", metavar="FOLDER", default=None,
+                        help="print every record under FOLDER, seeds of one preset pooled")
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    for name, kind, help_ in (("n-way", int, "ways of the test episodes"), ("k-shot", int, "shots"),
+                              ("n-query", int, "queries per class"), ("episodes", int, "test episodes"),
+                              ("inner-steps", int, "inner steps at test (gradient-based methods)"),
+                              ("seed", int, "seed of the test episodes (default 0: the same for every run)")):
+        parser.add_argument("--" + name, type=kind, default=None, help=help_)
+    parser.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
+                        help="batch statistics over the whole query set (default: the preset's)")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not write record.json")
+    parser.add_argument("--progress", action="store_true", help="show a tqdm bar")
+    _threads(parser)
+    return parser
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = evaluate_parser()
+    args = parser.parse_args(argv)
+    if args.summary is not None:
+        return _print_summary(Path(args.summary))
+    if not args.run:
+        parser.error("give a run folder (or its best.pt), or --summary FOLDER")
+    _set_threads(args.threads)
+    device = _device(args.device)
+    from .experiment import Protocol, RunFolderError, device_name, evaluate_model, load_model, read_history
+    from .results import update_record
+    path = Path(args.run)
+    try:
+        method, meta = load_model(path, device)
+        protocol = Protocol.of(method.config, args.split, n_way=args.n_way, k_shot=args.k_shot,
+                               n_query=args.n_query, episodes=args.episodes, inner_steps=args.inner_steps,
+                               transductive=args.transductive, seed=args.seed)
+        Config(**{**method.config.to_dict(), "test_n_way": protocol.n_way if protocol.n_way else 0,
+                  "test_k_shot": protocol.k_shot, "test_n_query": protocol.n_query,
+                  "test_episodes": protocol.episodes})  # the same checks as a preset (shots, ways)
+    except (RunFolderError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"{path}: {method.config.preset or method.config.method}, best-on-validation step {meta['step']} "
+          f"({meta['val_metric']} {meta['val_value']:.4f}); {protocol.describe()}", flush=True)
+    result = evaluate_model(method, protocol, device=device, progress=args.progress)
+    scale, unit = (100, "%") if result["metric"] == "accuracy" else (1, "")
+    print(f"test {result['metric']}: {scale * result['mean']:.2f}{unit} ± {scale * result['ci95']:.2f}{unit} "
+          f"(95% CI over {result['n_episodes']} episodes), {1000 * result['seconds_per_episode']:.1f} ms per episode "
+          f"on {device_name(device)}")
+    if args.no_record:
+        return 0
+    run = path if path.is_dir() else path.parent
+    evaluation = {"protocol": {k: v for k, v in vars(protocol).items()}, **result,
+                  "device": device_name(device), "torch": torch.__version__, "date": started,
+                  "command": ["python", "-m", "mlcore.evaluate", *(sys.argv[1:] if argv is None else argv)]}
+    history = read_history(run) if (run / "checkpoint.pt").exists() else None
+    update_record(run, evaluation, checkpoint=run / "best.pt" if path.is_dir() else path, checkpoint_meta=meta,
+                  history=history)
+    print(f"record: {run / 'record.json'}")
+    return 0
+
+
+def _print_summary(root: Path) -> int:
+    from .results import load_records, summarise
+    try:
+        records = load_records(root)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = summarise(records)
+    if not rows:
+        print(f"no evaluated runs under {root}")
+        return 0
+    for s in rows:
+        p = s.protocol
+        scale = 100 if s.metric == "accuracy" else 1
+        seeds = f"± {scale * s.ci95_seeds:.2f} over {len(s.seeds)} seeds, " if not math.isnan(s.ci95_seeds) else ""
+        way = f"{p['n_way']}w{p['k_shot']}s" if p["n_way"] else f"{p['k_shot']}-shot"
+        print(f"{s.preset:32s} {way:6s} q{p['n_query']:<3d} x{p['episodes']:<5d} "
+              f"{'trans.' if p['transductive'] else 'non-tr.'}  {scale * s.mean:7.2f} {seeds}"
+              f"± {scale * s.ci95_episodes:.2f} over episodes; steps {list(s.steps)}")
+    return 0
