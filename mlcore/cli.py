@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -61,6 +60,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="print the presets, their values and sources")
     parser.add_argument("--out", default=None, help="run folder (default runs/<preset>-seed<seed>)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                        help="stop cleanly at the first checkpoint after MINUTES of this session "
+                             "(rerun the command later to continue)")
     _threads(parser)
     group = parser.add_argument_group("preset values (override)")
     for f in fields(Config):
@@ -101,7 +103,8 @@ def train_main(argv: list[str] | None = None) -> int:
           f"({device}, {torch.get_num_threads()} threads, torch {torch.__version__})", flush=True)
     try:
         history = train(config, out, device=device, progress=not args.no_progress,
-                        command=["python", "-m", "mlcore.train", *(sys.argv[1:] if argv is None else argv)])
+                        command=["python", "-m", "mlcore.train", *(sys.argv[1:] if argv is None else argv)],
+                        time_limit=None if args.time_limit is None else 60 * args.time_limit)
     except RunFolderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -109,6 +112,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; run the same command again to resume from {out / 'checkpoint.pt'}",
               file=sys.stderr)
         return 130
+    if history.steps and history.steps[-1] + 1 < config.steps:
+        print(f"stopped at the time limit after step {history.steps[-1] + 1} of {config.steps}; run the "
+              f"same command again to continue")
     metric = "val_acc" if "val_acc" in history else "val_mse"
     steps, values = history.series(metric) if metric in history else ([], [])
     if values:
@@ -149,38 +155,26 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         parser.error("give a run folder (or its best.pt), or --summary FOLDER")
     _set_threads(args.threads)
     device = _device(args.device)
-    from .experiment import Protocol, RunFolderError, device_name, evaluate_model, load_model, read_history
-    from .results import update_record
+    from .experiment import RunFolderError, device_name, evaluate_run
     path = Path(args.run)
+    overrides = dict(n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
+                     inner_steps=args.inner_steps, transductive=args.transductive, seed=args.seed)
     try:
-        method, meta = load_model(path, device)
-        protocol = Protocol.of(method.config, args.split, n_way=args.n_way, k_shot=args.k_shot,
-                               n_query=args.n_query, episodes=args.episodes, inner_steps=args.inner_steps,
-                               transductive=args.transductive, seed=args.seed)
-        Config(**{**method.config.to_dict(), "test_n_way": protocol.n_way if protocol.n_way else 0,
-                  "test_k_shot": protocol.k_shot, "test_n_query": protocol.n_query,
-                  "test_episodes": protocol.episodes})  # the same checks as a preset (shots, ways)
+        method, meta, protocol, result = evaluate_run(
+            path, device=device, split=args.split, record=not args.no_record, progress=args.progress,
+            command=["python", "-m", "mlcore.evaluate", *(sys.argv[1:] if argv is None else argv)], **overrides)
     except (RunFolderError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(f"{path}: {method.config.preset or method.config.method}, best-on-validation step {meta['step']} "
-          f"({meta['val_metric']} {meta['val_value']:.4f}); {protocol.describe()}", flush=True)
-    result = evaluate_model(method, protocol, device=device, progress=args.progress)
+          f"({meta['val_metric']} {meta['val_value']:.4f}); {protocol.describe()}")
     scale, unit = (100, "%") if result["metric"] == "accuracy" else (1, "")
     print(f"test {result['metric']}: {scale * result['mean']:.2f}{unit} ± {scale * result['ci95']:.2f}{unit} "
-          f"(95% CI over {result['n_episodes']} episodes), {1000 * result['seconds_per_episode']:.1f} ms per episode "
-          f"on {device_name(device)}")
-    if args.no_record:
-        return 0
-    run = path if path.is_dir() else path.parent
-    evaluation = {"protocol": {k: v for k, v in vars(protocol).items()}, **result,
-                  "device": device_name(device), "torch": torch.__version__, "date": started,
-                  "command": ["python", "-m", "mlcore.evaluate", *(sys.argv[1:] if argv is None else argv)]}
-    history = read_history(run) if (run / "checkpoint.pt").exists() else None
-    update_record(run, evaluation, checkpoint=run / "best.pt" if path.is_dir() else path, checkpoint_meta=meta,
-                  history=history)
-    print(f"record: {run / 'record.json'}")
+          f"(95% CI over {result['n_episodes']} episodes), {1000 * result['seconds_per_episode']:.1f} ms per "
+          f"episode on {device_name(device)}")
+    if not args.no_record:
+        run = path if path.is_dir() else path.parent
+        print(f"record: {run / 'record.json'}")
     return 0
 
 

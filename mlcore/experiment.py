@@ -390,14 +390,23 @@ def check_run_folder(out: Path, config: Config) -> None:
                              f"same settings (only --steps may change), or train into another --out folder.")
 
 
+class TimeLimitReached(Exception):
+    """Raised inside the loop when ``time_limit`` has passed, right after a checkpoint (nothing lost)."""
+
+
 def train(config: Config, out: str | os.PathLike, *, device: torch.device | str = "cpu", progress: bool = True,
-          command: list[str] | None = None) -> History:
+          command: list[str] | None = None, time_limit: float | None = None) -> History:
     """Train ``config`` into the run folder ``out``, resuming from its checkpoint if there is one.
 
     Returns the run's History (every step's metrics; ``val_acc``/``val_mse`` where validated).
     Interrupting (Ctrl-C) loses at most ``checkpoint_every`` steps; run the same command again to
-    continue. Each session appends a line to ``sessions.jsonl``.
+    continue. ``time_limit`` (seconds of this session) stops cleanly at the first checkpoint after it
+    has passed, so a session of fixed length (a shared machine, a GPU lease) loses no work; the
+    History then ends there. Each session appends a line to ``sessions.jsonl``.
     """
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
     out = Path(out)
     device = torch.device(device)
     check_run_folder(out, config)
@@ -425,6 +434,8 @@ def train(config: Config, out: str | os.PathLike, *, device: torch.device | str 
         state["scheduler"] = method.scheduler
 
     def step_fn(i: int) -> dict[str, float]:
+        if deadline is not None and i > 0 and i % c.checkpoint_every == 0 and time.perf_counter() > deadline:
+            raise TimeLimitReached  # step i is not started: the checkpoint of step i holds everything
         metrics = method.step(sample(), i)
         if (i + 1) % c.val_every == 0 or i + 1 == c.steps:
             name, value, score = _validate(method, device)
@@ -437,11 +448,14 @@ def train(config: Config, out: str | os.PathLike, *, device: torch.device | str 
     checkpoint = out / "checkpoint.pt"
     first = _checkpoint_step(checkpoint)
     started, wall0 = datetime.now(timezone.utc), time.perf_counter()
+    deadline = None if time_limit is None else wall0 + time_limit
     history = None
     try:
         history = meta_train(step_fn, n_steps=c.steps, state=state, checkpoint=checkpoint,
                              checkpoint_every=c.checkpoint_every, progress=progress,
                              desc=c.preset or c.method, log_every=10)
+    except TimeLimitReached:
+        history = read_history(out)
     finally:
         last = _checkpoint_step(checkpoint)
         if last != first or history is not None:
@@ -496,6 +510,36 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     return method, meta
 
 
+def evaluate_run(path: str | os.PathLike, *, device: torch.device | str = "cpu", split: str = "test",
+                 record: bool = True, progress: bool = False, command: list[str] | None = None,
+                 **overrides: Any) -> tuple[Method, dict[str, Any], Protocol, dict[str, Any]]:
+    """Evaluate a run folder's ``best.pt`` (or a given saved model) and, with ``record``, update the
+    run's results record. ``overrides``: ``n_way``, ``k_shot``, ``n_query``, ``episodes``,
+    ``inner_steps``, ``transductive``, ``seed`` (``None`` keeps the preset's value).
+
+    Returns (method, saved metadata, protocol, result). Raises :class:`RunFolderError` or
+    ``ValueError`` (naming what is wrong) before anything is evaluated.
+    """
+    from .results import update_record
+    device = torch.device(device)
+    path = Path(path)
+    method, meta = load_model(path, device)
+    protocol = Protocol.of(method.config, split, **overrides)
+    # The same checks as a preset's test protocol (shots + queries per class, ways of the head).
+    Config(**{**method.config.to_dict(), "test_n_way": protocol.n_way, "test_k_shot": protocol.k_shot,
+              "test_n_query": protocol.n_query, "test_episodes": protocol.episodes})
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result = evaluate_model(method, protocol, device=device, progress=progress)
+    if record:
+        run = path if path.is_dir() else path.parent
+        evaluation = {"protocol": dict(vars(protocol)), **result, "device": device_name(device),
+                      "torch": torch.__version__, "date": started, "command": command or sys.argv}
+        history = read_history(run) if (run / "checkpoint.pt").exists() else None
+        update_record(run, evaluation, checkpoint=run / "best.pt" if path.is_dir() else path,
+                      checkpoint_meta=meta, history=history)
+    return method, meta, protocol, result
+
+
 def read_history(out: str | os.PathLike) -> History:
     """The History saved in a run folder's checkpoint."""
     checkpoint = Path(out) / "checkpoint.pt"
@@ -503,4 +547,5 @@ def read_history(out: str | os.PathLike) -> History:
     return History.from_state_dict(saved["history"])
 
 
-__all__ += ["Protocol", "episodes", "read_history", "write_json", "check_run_folder", "save_model"]
+__all__ += ["Protocol", "episodes", "read_history", "write_json", "check_run_folder", "save_model",
+            "TimeLimitReached", "evaluate_run"]

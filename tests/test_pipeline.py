@@ -287,3 +287,31 @@ def test_committed_checkpoint_reproduces_its_record(record_path, monkeypatch):
     method, _ = experiment.load_model(checkpoint)
     again = experiment.evaluate_model(method, experiment.Protocol(**evaluation["protocol"]))
     assert math.isclose(again["mean"], evaluation["mean"], abs_tol=1e-9)
+
+
+def test_time_limit_stops_at_a_checkpoint_and_loses_nothing(tmp_path, capsys):
+    args = tiny_args("protonet-omniglot-1shot", tmp_path / "a")
+    assert cli.train_main(args) == 0
+    limited = tiny_args("protonet-omniglot-1shot", tmp_path / "b")
+    assert cli.train_main([*limited, "--time-limit", "1e-9"]) == 0     # stops after step 1
+    assert "stopped at the time limit after step 1 of 4" in capsys.readouterr().out
+    assert experiment._checkpoint_step(tmp_path / "b" / "checkpoint.pt") == 1
+    assert cli.train_main(limited) == 0
+    a, b = (experiment.read_history(tmp_path / x) for x in "ab")
+    assert json.dumps(a.metrics) == json.dumps(b.metrics)
+
+
+def test_gpu_script_trains_every_preset_at_toy_size(tmp_path, capsys):
+    """scripts/gpu_train.py (the one prepared GPU call) runs end to end at toy size on the CPU."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--budget", "120", "--tiny", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "gpu_train_summary.json").read_text())
+    assert [r["preset"] for r in summary["rows"]] == [n for n, _ in module.parse_plan(module.DEFAULT)]
+    for row in summary["rows"]:
+        record = json.loads((tmp_path / "runs" / f"{row['preset']}-seed0" / "record.json").read_text())
+        assert record["training"]["steps"] == row["steps"] == 6
+    with pytest.raises(ValueError, match="presets: "):
+        module.parse_plan("maml-omniglot-5w3s:1")
