@@ -37,6 +37,7 @@ too, so code that draws from them (dropout, ``torch.randn`` without a generator)
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -115,21 +116,30 @@ class History:
 
 
 # ----------------------------------------------------------------------------- capture and restore
-def _capture(obj: Any, where: str, snapshot: bool = True) -> Any:
+def _capture(obj: Any, where: str, snapshot: bool = True, deep: bool = False) -> Any:
     """A picklable snapshot of ``obj`` (see the module docstring for what is accepted).
 
     ``snapshot=False`` only checks that ``obj`` can be checkpointed, without copying anything.
+    ``deep=True`` also copies the tensors of ``state_dict()``s (which share storage with a module's
+    parameters): a snapshot that later in-place restores cannot change, used to roll back.
     """
     if isinstance(obj, Tensor):
         return obj.detach().cpu().clone() if snapshot else None  # clone: save this tensor, not its whole storage
     if isinstance(obj, torch.Generator):
         return {"__generator__": obj.get_state() if snapshot else None}
     if isinstance(obj, Mapping):
-        return {k: _capture(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
+        return {k: _capture(v, f"{where}[{k!r}]", snapshot, deep) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_capture(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and any(v is None or isinstance(v, (bool, int, float, str)) for v in obj):
+            # Checked when saving with the same rule as when loading: a plain value inside a tuple
+            # cannot be restored in place, so such a checkpoint could be written but never resumed.
+            raise TypeError(f"state{where}: a tuple holding plain values (numbers, strings, None) cannot be "
+                            f"restored in place on resume; use a list, or keep the values in a tensor")
+        return [_capture(v, f"{where}[{i}]", snapshot, deep) for i, v in enumerate(obj)]
     if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
-        return {"__state_dict__": obj.state_dict() if snapshot else None}
+        if not snapshot:
+            return {"__state_dict__": None}
+        return {"__state_dict__": copy.deepcopy(obj.state_dict()) if deep else obj.state_dict()}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"state{where}: cannot checkpoint a {type(obj).__name__}; state may hold tensors, "
@@ -241,25 +251,55 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History) -> None:
     """Write ``state`` (after ``step`` steps) and ``history`` to ``path`` atomically (:func:`atomic_write`)."""
+    path = Path(path).expanduser()
     payload = {"format": FORMAT, "step": step, "state": _capture(dict(state), ""),
                "history": history.state_dict(), "rng": _rng_states()}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int, History]:
-    """Restore ``state`` in place from ``path``; return (number of steps done, history)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """Restore ``state`` in place from ``path``; return (number of steps done, history).
+
+    All or nothing: if any entry does not fit (other keys, shapes, an optimiser of another kind), the
+    entries restored so far are put back as they were before raising, so a failed resume never leaves
+    freshly trained weights half-overwritten. A file that cannot be read (truncated, empty, not a
+    checkpoint) raises :class:`CheckpointMismatchError` naming it.
+    """
+    path = Path(path).expanduser()
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle error, empty file: the same advice
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated, "
+            f"empty or not a checkpoint. Delete it to start the run afresh, pass another checkpoint path, "
+            f"or resume=False (which overwrites it).") from err
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"{path} is not an mlcore.train checkpoint (format {FORMAT!r})")
+        raise CheckpointMismatchError(f"{path} is not an mlcore.train checkpoint (format {FORMAT!r}); pass "
+                                      f"another checkpoint path, or resume=False to overwrite it")
+    for key in ("step", "state", "history", "rng"):
+        if key not in saved:
+            raise CheckpointMismatchError(f"checkpoint {path} has no {key!r} entry; it is damaged. Delete it "
+                                          f"to start afresh or pass another path")
     keys, saved_keys = set(state), set(saved["state"])
     if keys != saved_keys:
         raise CheckpointMismatchError(
             f"checkpoint {path} holds state {sorted(saved_keys)} but the state passed has {sorted(keys)}: "
             f"missing from the checkpoint {sorted(keys - saved_keys)}, only in the checkpoint "
             f"{sorted(saved_keys - keys)}. Use another checkpoint path or resume=False.")
-    _restore(state, saved["state"], "")
-    _set_rng_states(saved["rng"])
-    return saved["step"], History.from_state_dict(saved["history"])
+    before, rng_before = _capture(state, "", deep=True), _rng_states()   # to roll back a restore that fails midway
+    try:
+        _restore(state, saved["state"], "")
+        _set_rng_states(saved["rng"])
+        history = History.from_state_dict(saved["history"])
+    except Exception as err:
+        _restore(state, before, "")
+        _set_rng_states(rng_before)
+        if isinstance(err, CheckpointMismatchError):
+            raise CheckpointMismatchError(f"{err} (checkpoint {path}; the state was left as it was)") from err
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit the state ({type(err).__name__}: {err}); "
+                                      f"the state was left as it was. Use another checkpoint path or "
+                                      f"resume=False.") from err
+    return saved["step"], history
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,6 +321,8 @@ def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = 
         log_every: refresh the bar's metrics every this many steps (every step's metrics are recorded).
 
     A run stopped by an exception can be resumed from its last checkpoint; steps after it are redone.
+    A resume restores everything in ``state`` as it was saved, including an optimiser's learning rate:
+    to change a hyper-parameter of a resumed run, set it after this call returns, or start a new run.
     """
     for name, value in (("n_steps", n_steps), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_steps" else 1):
@@ -290,6 +332,8 @@ def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = 
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict name -> object, got {type(state).__name__}")
     _capture(state, "", snapshot=False)  # fail now, not at the first checkpoint, if something cannot be saved
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser()   # "~/runs/x.pt" means the home folder, not ./~
     start, history = 0, History()
     if checkpoint is not None and resume and Path(checkpoint).exists():
         start, history = load_checkpoint(checkpoint, state)

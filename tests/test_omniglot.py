@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from functools import cache
@@ -146,12 +147,14 @@ def test_real_cache_second_load_is_fast_identical_and_outside_the_shared_copy(mo
 @real
 @pytest.mark.slow
 def test_real_cold_decode_into_a_fresh_cache(monkeypatch, tmp_path):
+    # Always cold: the cache goes to a fresh folder even when the data folder is writable (a cache an
+    # earlier run left beside the images would make this "cold" load warm).
     monkeypatch.setenv("MLCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(og, "_writable", lambda folder: False)
     start = time.perf_counter()
     images, labels = load_omniglot(REAL_ROOT, split="test", download=False, progress=False)
     cold = time.perf_counter() - start
-    if not og._writable(REAL_ROOT):
-        assert og._cache_path(REAL_ROOT, 28).is_relative_to(tmp_path)
+    assert og._cache_path(REAL_ROOT, 28).is_relative_to(tmp_path)
     monkeypatch.setattr(PIL.Image, "open", _no_decoding)
     start = time.perf_counter()
     again = load_omniglot(REAL_ROOT, split="test", download=False, progress=False)
@@ -189,7 +192,7 @@ def test_download_verify_extract_and_decode(tiny):
     assert omniglot_class_names("background", "lake", root=root) == [
         "Alpha/character01", "Alpha/character02", "Beta/character01", "Beta/character02", "Beta/character03"]
     assert sorted(p.name for p in root.iterdir()) == [
-        "images_background", "images_evaluation", "mlcore_omniglot_10px_v1.pt"]   # no temp leftovers
+        "images_background", "images_evaluation", "mlcore_omniglot_10px_v2.pt"]   # no temp leftovers
     evaluation, _ = load_omniglot(root, split="evaluation", protocol="original", image_size=10,
                                   base_url=closed_port_url(), progress=False)    # present: no download
     assert evaluation.shape == (2 * DRAWINGS, 1, 10, 10)
@@ -276,10 +279,37 @@ def test_incomplete_character_is_reported(tiny):
         load_omniglot(root, split="evaluation", protocol="original", image_size=8, progress=False)
 
 
-def test_stale_cache_is_reported(tiny):
+def test_changed_images_rebuild_the_cache(tiny):
+    """The cache is keyed on the files (paths, sizes, times): new or replaced images are never served stale."""
     url, md5, root = tiny
     load_omniglot(root, split="background", protocol="original", image_size=8, base_url=url, md5=md5, progress=False)
     beta = root / "images_background" / "Beta"
     shutil.copytree(beta / "character03", beta / "character04")
-    with pytest.raises(ValueError, match=r"holds character Beta/character04/, which the decoded cache .* lacks"):
-        load_omniglot(root, split="background", protocol="original", image_size=8, progress=False)
+    with pytest.warns(UserWarning, match=r"re-decoding .*images were added, removed or replaced"):
+        images, _ = load_omniglot(root, split="background", protocol="original", image_size=8, progress=False)
+    assert images.shape[0] == 6 * DRAWINGS
+    png = next((beta / "character01").glob("*.png"))
+    blank = PIL.Image.new("1", (12, 12), 1)
+    blank.save(png)                                                       # replace one drawing in place
+    os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match="re-decoding"):
+        again, _ = load_omniglot(root, split="background", protocol="original", image_size=8, progress=False)
+    assert not torch.equal(images, again)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "foreign"])
+def test_a_damaged_cache_is_named_and_rebuilt(tiny, damage):
+    url, md5, root = tiny
+    first, _ = load_omniglot(root, split="background", protocol="original", image_size=8, base_url=url, md5=md5,
+                             progress=False)
+    cache = og._cache_path(root, 8)
+    if damage == "truncate":
+        cache.write_bytes(cache.read_bytes()[:1000])
+    elif damage == "empty":
+        cache.write_bytes(b"")
+    else:
+        torch.save({"something": "else"}, cache)
+    with pytest.warns(UserWarning, match=rf"decoded cache {re.escape(str(cache))} (cannot be read|is not an mlcore)"):
+        images, _ = load_omniglot(root, split="background", protocol="original", image_size=8, progress=False)
+    assert torch.equal(images, first)
+    assert og._read_cache(cache, 8, og._fingerprint(root))[0] is not None      # rewritten, valid again

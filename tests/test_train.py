@@ -183,3 +183,44 @@ def test_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path):
     link.symlink_to(elsewhere)
     atomic_write(link, lambda f: f.write(b"new"))
     assert elsewhere.read_bytes() == b"keep me" and not link.is_symlink() and link.read_bytes() == b"new"
+
+
+def test_a_failed_resume_changes_nothing(tmp_path):
+    """The checkpoint fits the model but not the optimiser: the weights must stay as they were."""
+    path = tmp_path / "run.pt"
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(path, {"model": model, "opt": opt, "w": torch.zeros(2)}, 5, History())
+    fresh = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    w = torch.ones(2)
+    other_opt = torch.optim.Adam([*fresh.parameters(), torch.zeros(1, requires_grad=True)])  # 3 params, not 2
+    with pytest.raises(CheckpointMismatchError, match="left as it was"):
+        load_checkpoint(path, {"model": fresh, "opt": other_opt, "w": w})
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert torch.equal(w, torch.ones(2))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])
+def test_an_unreadable_checkpoint_is_named_with_the_way_out(tmp_path, content):
+    path = tmp_path / "run.pt"
+    if content is None:  # a truncated real checkpoint
+        save_checkpoint(path, {"w": torch.zeros(1000)}, 1, History())
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointMismatchError, match=r"run\.pt cannot be read.*Delete it"):
+        load_checkpoint(path, {"w": torch.zeros(1000)})
+
+
+def test_a_tuple_of_plain_values_is_refused_before_training(tmp_path):
+    with pytest.raises(TypeError, match="tuple holding plain values"):
+        meta_train(lambda step: {}, n_steps=1, state={"counts": (1, 10**20)}, checkpoint=tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_checkpoint_path_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    meta_train(lambda step: {}, n_steps=1, state={"w": torch.zeros(1)}, checkpoint="~/runs/x.pt", progress=False)
+    assert (tmp_path / "runs" / "x.pt").exists() and not (tmp_path / "~").exists()
