@@ -10,7 +10,7 @@ outer loop of MAML unchanged and restricts the inner loop to the head. With θ =
 
 **The body is meta-learned.** It receives the meta-gradient through both the query features and the
 inner-loop gradient (θ_h' depends on θ_b through ∇_{θ_h} L^tr). Computing the body's features under
-``torch.no_grad()``, as the source notebook did, cuts both paths: the body stays at its random
+``torch.no_grad()``, as a common implementation does, cuts both paths: the body stays at its random
 initialisation and only a head on frozen random features gets trained. That is a different (and much
 weaker) algorithm, and nothing fails loudly — the tests check that the body's meta-gradient is non-zero.
 

@@ -21,7 +21,7 @@ mlcore <strategy>               :func:`mlcore.maml.meta_loss` with ``strategy`` 
 torch.func.vmap recipe          the functorch MAML recipe (``vmap`` over ``grad`` + ``functional_call``);
                                 for ``Conv4(norm="batch")`` it runs the network with ``nn.BatchNorm2d``
                                 (``track_running_stats=False``), the naive fast version — whose
-                                second-order meta-gradient is wrong (see ``seed/KNOWN_BUGS.md``)
+                                second-order meta-gradient is wrong (chapter 3 shows why)
 ==============================  ==========================================================================
 
 Every row is measured for second-order MAML and for first-order (FOMAML) unless ``--no-first-order``.

@@ -13,7 +13,7 @@ MAML        O(B · K · |θ|)          O(K · activations): the unrolled K-step 
                                     the backward pass through it
 ==========  ======================  ==========================================================
 
-not O(|θ|²) as the seed notebook claimed. The functions below return plain rows (dataclasses) that a
+not O(|θ|²) as is sometimes claimed. The functions below return plain rows (dataclasses) that a
 notebook turns into plots; :func:`linear_fit` gives the slope and R² of a straight line through them.
 
 Memory is measured by :class:`PeakMemory`: on CUDA the caching allocator's peak, exact; on the CPU the

@@ -8,8 +8,8 @@ g(x_i), and the prediction is the attention-weighted sum of the one-hot support 
     P(y = k | x̂, S) = Σ_i a(x̂, x_i) [y_i = k]                                          (eq. 1)
     loss = −log P(y = true class | x̂, S)                                  (training objective, Section 2.2)
 
-The loss is the negative log of that probability. The source notebook applied ``F.cross_entropy`` to
-the probabilities, which treats them as logits and takes a second softmax (KNOWN_BUGS item 8).
+The loss is the negative log of that probability. A common mistake applies ``F.cross_entropy`` to the
+probabilities, which treats them as logits and takes a second softmax.
 ``log_probs`` computes log P directly and stably, never taking the log of a probability that may
 underflow to 0:
 

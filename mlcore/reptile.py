@@ -29,8 +29,9 @@ is not touched by the update, so a TaskBatch built for MAML works unchanged and 
 an honest held-out measurement. Nichol et al. simply train on a task's data (in minibatches); to use
 all of it, pass a TaskBatch whose support set is the concatenation of support and query.
 
-The source notebook's Reptile made the inner optimiser write into the very tensors that held θ, so
-θ' − θ was always zero and its "meta-update" was sequential joint SGD. Here θ is never modified in
+A common implementation of Reptile makes the inner optimiser write into the very tensors that hold θ
+(``p.data = ...`` aliases storage), so θ' − θ is always zero and its "meta-update" is sequential
+joint SGD. Here θ is never modified in
 place: the inner loop builds new tensors and ``reptile_step`` returns a new dict.
 
 Batching: with SGD the shared :func:`mlcore.inner.inner_loop` runs with ``first_order=True`` per task

@@ -1,11 +1,14 @@
-"""The book's structure: table of contents, setup cells, Colab metadata and stored outputs.
+"""The book's structure: table of contents, setup cells, Colab metadata, stored outputs, code that
+fits the page, and the publishing workflow.
 
-These run in a plain `pytest` (no kernel, no build): they read _toc.yml, _config.yml and the notebooks.
+These run in a plain `pytest` (no kernel, no build): they read _toc.yml, _config.yml, the notebooks and
+.github/workflows/book.yml.
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -14,6 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
+WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"
+MAX_CODE_COLUMNS = 88   # ruff's line-length in pyproject.toml; the site's code column holds 88 at 1280 px
 
 
 def _load_run_notebook():
@@ -76,6 +81,22 @@ def test_repository_and_colab_button_are_configured() -> None:
     assert BRANCH == "main"
 
 
+def test_chapters_are_numbered_as_the_text_numbers_them() -> None:
+    """The sidebar's numbers are the text's: "Chapter 2" is book/02_maml (the quickstart is unnumbered)."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    numbered = [part for part in toc.get("parts", []) if part.get("numbered")]
+    assert len(numbered) == 1, "_toc.yml: exactly one part (the chapters) should be `numbered: true`"
+    names = [Path(entry["file"]).name for entry in numbered[0]["chapters"]]
+    for position, name in enumerate(names, start=1):
+        if re.match(r"0\d_", name):
+            assert int(name[:2]) == position, (
+                f"_toc.yml: {name} is chapter {position} in the sidebar but the text calls it chapter "
+                f"{int(name[:2])}")
+    sphinx = CONFIG["sphinx"]["config"]
+    assert sphinx.get("numfig") is True and sphinx.get("numfig_secnum_depth") == 1, (
+        "figures and equations are numbered per chapter (numfig, numfig_secnum_depth: 1 in _config.yml)")
+
+
 # --- every chapter notebook -----------------------------------------------------------------------
 
 notebook_params = pytest.mark.parametrize("path", TOC_NOTEBOOKS, ids=[p.name for p in TOC_NOTEBOOKS])
@@ -104,6 +125,28 @@ def test_first_code_cell_is_the_setup_cell(path: Path) -> None:
     assert pip.group(3) == BRANCH, f"{where}: pip installs branch {pip.group(3)!r}, _config.yml says {BRANCH!r}"
     assert re.search(r"^from mlcore\.notebook import setup$", src, re.MULTILINE), where
     assert re.search(r"^device = setup\(seed=\d+\)$", src, re.MULTILINE), f"{where} (device = setup(seed=...))"
+
+
+def test_ruff_line_length_is_the_tested_one() -> None:
+    ruff = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    assert ruff["line-length"] == MAX_CODE_COLUMNS, (
+        f"pyproject.toml [tool.ruff] line-length is {ruff['line-length']}, the tests allow {MAX_CODE_COLUMNS}")
+
+
+BOOK_NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", BOOK_NOTEBOOKS, ids=[p.name for p in BOOK_NOTEBOOKS])
+def test_code_fits_the_page(path: Path) -> None:
+    """No code line wider than the page's code column, so no code cell scrolls sideways."""
+    nb = nbformat.read(path, as_version=4)
+    long = [f"cell {index} line {number} ({len(line)} characters): {line.strip()[:60]}..."
+            for index, cell in enumerate(nb.cells) if cell.cell_type == "code"
+            for number, line in enumerate(cell.source.splitlines(), start=1) if len(line) > MAX_CODE_COLUMNS]
+    assert not long, (
+        f"{_rel(path)} has code lines over {MAX_CODE_COLUMNS} characters: run `ruff format {_rel(path)}` "
+        f"(it changes the source, not the stored outputs) and split long strings and comments by hand: "
+        + "; ".join(long[:10]))
 
 
 @notebook_params
@@ -174,3 +217,45 @@ def test_setup_rejects_bad_arguments() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="sees no GPU"):
             setup(device="cuda", verbose=False)
+
+
+# --- publishing: .github/workflows/book.yml --------------------------------------------------------
+
+def _workflow() -> dict:
+    assert WORKFLOW.is_file(), f"{_rel(WORKFLOW)} is missing (it tests every push and publishes main)"
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def _uses(step: dict, action: str) -> bool:
+    return str(step.get("uses", "")).startswith(action + "@")
+
+
+def test_workflow_runs_the_readme_test_command_on_every_push() -> None:
+    workflow = _workflow()
+    triggers = workflow.get("on", workflow.get(True))   # YAML 1.1 reads a bare `on` key as True
+    assert isinstance(triggers, dict) and "push" in triggers, f"the workflow must run on push: {triggers}"
+    assert not (triggers["push"] or {}).get("branches"), "the workflow must test pushes to every branch"
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^make test\b", readme, re.MULTILINE), "the README's test command is `make test`"
+    commands = [line.strip() for job in workflow["jobs"].values() for step in job.get("steps", [])
+                for line in str(step.get("run", "")).splitlines()]
+    assert "make test" in commands, f"no step runs `make test`: {commands}"
+
+
+def test_workflow_deploys_the_built_site_from_main() -> None:
+    jobs = _workflow()["jobs"]
+    uploads = [(name, step) for name, job in jobs.items() for step in job.get("steps", [])
+               if _uses(step, "actions/upload-pages-artifact")]
+    assert len(uploads) == 1, "one step should upload the site with actions/upload-pages-artifact"
+    upload_job, upload = uploads[0]
+    assert upload["with"]["path"] == "_build/html", upload
+    assert "refs/heads/main" in upload.get("if", ""), "only main is published"
+    run_index = [i for i, s in enumerate(jobs[upload_job]["steps"]) if "make test" in str(s.get("run", ""))]
+    assert run_index and run_index[0] < jobs[upload_job]["steps"].index(upload), "upload after `make test`"
+    deploys = [name for name, job in jobs.items() if any(_uses(s, "actions/deploy-pages") for s in job["steps"])]
+    assert len(deploys) == 1, "one job should deploy with actions/deploy-pages"
+    deploy = jobs[deploys[0]]
+    assert upload_job in ([deploy["needs"]] if isinstance(deploy["needs"], str) else deploy["needs"])
+    assert "refs/heads/main" in deploy.get("if", ""), "only main is deployed"
+    assert deploy["permissions"] == {"pages": "write", "id-token": "write"}, deploy["permissions"]
+    assert deploy["environment"]["name"] == "github-pages"

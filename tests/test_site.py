@@ -5,8 +5,12 @@ browser is a failure. In a plain `pytest` run without a built site (or without C
 
 For every page in _toc.yml it checks that MathJax typeset the math and no raw TeX is left, every image
 loaded, no cell output shows an error, nothing was requested from outside the local server, the
-browser logged no errors, and (for notebooks) that the Colab launch button and the download button
-point at the right notebook. Screenshots go to _build/screenshots/<page>.png for a person to look at.
+browser logged no errors (a missing /favicon.ico included), the page has one header bar, no code cell
+scrolls sideways at 1280 px, and (for notebooks) that the Colab launch button and the download button
+point at the right notebook. Screenshots of whole pages go to _build/screenshots/ for a person to look
+at: <page>.png when the page fits one tile of SCREENSHOT_TILE px, else <page>-1.png, <page>-2.png, ...
+from the top down (consecutive tiles overlap by SCREENSHOT_OVERLAP px, so the sticky header bar hides
+nothing).
 """
 from __future__ import annotations
 
@@ -32,12 +36,15 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 REQUIRED = os.environ.get("MLCORE_REQUIRE_SITE") == "1"
+WIDTH = 1280                 # a desktop window; the measurements and screenshots are taken at it
+SCREENSHOT_TILE = 8000       # px of page per screenshot (one window height)
+SCREENSHOT_OVERLAP = 150     # px repeated at the top of the next tile (the sticky article header)
 
 # The flags of /work/shared/TOOLCHAIN.md: without the background-networking ones Chromium keeps trying
 # to reach Google's hosts, which this machine's closed network refuses.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,900"]
+                  "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={WIDTH},900"]
 
 
 def _unavailable(reason: str) -> None:
@@ -132,6 +139,11 @@ function sleep(ms) { return new Promise(r => setTimeout(r, ms)); }
   prose.querySelectorAll("pre, code, script, style, mjx-container, .cell_input, .highlight, .cell_output")
        .forEach(e => e.remove());
   const outputs = [...article.querySelectorAll(".cell_output, .output")];
+  const shown = e => { const r = e.getBoundingClientRect(), cs = getComputedStyle(e);
+                       return r.width > 0 && r.height > 0 && cs.display !== "none" && cs.visibility !== "hidden"; };
+  // Header bars: the theme's top navbar and the article header, whichever are on screen (outermost only).
+  const bars = [...new Set(document.querySelectorAll("header, .bd-header, .bd-header-article"))].filter(shown);
+  const headerBars = bars.filter(b => !bars.some(o => o !== b && o.contains(b)));
   done({
     url: location.href,
     title: document.title,
@@ -150,10 +162,20 @@ function sleep(ms) { return new Promise(r => setTimeout(r, ms)); }
     colab: [...document.querySelectorAll('a[href*="colab.research.google.com"]')].map(a => a.href),
     downloads: [...document.querySelectorAll('a[href$=".ipynb"], a[href*="_sources/"]')].map(a => a.href),
     citations: article.querySelectorAll('[role="doc-biblioentry"]').length,
+    labels: [...article.querySelectorAll('[role="doc-biblioentry"] > .label')].map(l => l.textContent).join(" "),
     widgetState: document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]').length,
     widgetViews: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
     widgetsRendered: document.querySelectorAll(".jupyter-widgets, .widget-container, .widget-inline-hbox").length,
     height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight),
+    width: window.innerWidth,
+    headerBars: headerBars.map(b => (b.id ? "#" + b.id : "") + "." + [...b.classList].join(".")),
+    searchFields: [...document.querySelectorAll(".search-button-field")].filter(shown).length,
+    // Code cells (source or printed output) wider than their box, i.e. with a horizontal scrollbar.
+    codeOverflow: [...article.querySelectorAll(".cell_input pre, .cell_output pre")]
+      .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+      .map(pre => ({overflow: pre.scrollWidth - pre.clientWidth,
+                    line: pre.textContent.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "")})),
+    icons: [...document.querySelectorAll('link[rel~="icon"]')].map(l => l.href),
   });
 })();
 """
@@ -172,14 +194,40 @@ def visit(server, browser):
             data = browser.execute_async_script(MEASURE_JS)
             data["requests"] = _requested_urls(browser.get_log("performance"))
             data["console"] = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            browser.set_window_size(1280, min(max(int(data["height"]), 900), 12000))
-            browser.save_screenshot(str(SCREENSHOTS / f"{page.stem}.png"))
-            browser.set_window_size(1280, 900)
+            data["screenshots"], data["screenshotsReach"] = _screenshot_whole_page(browser, page.stem)
             cache[page] = data
         return cache[page]
 
     return load
+
+
+def _screenshot_whole_page(browser, stem: str) -> tuple[list[str], int]:
+    """Screenshot the whole page at WIDTH px, in tiles of SCREENSHOT_TILE px when it is taller.
+
+    Returns the file names and how far down the page (px) the last tile reaches.
+    """
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in [*SCREENSHOTS.glob(f"{stem}.png"), *SCREENSHOTS.glob(f"{stem}-*.png")]:
+        old.unlink()
+    page_height = "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
+    # The window's height includes the browser's own bars: size it so that the page area is the tile.
+    chrome = int(browser.execute_script("return window.outerHeight - window.innerHeight"))
+    tile = min(max(int(browser.execute_script(page_height)), 900), SCREENSHOT_TILE)
+    browser.set_window_size(WIDTH, tile + chrome)
+    view = int(browser.execute_script("return window.innerHeight"))
+    height = int(browser.execute_script(page_height))
+    tops = [0]
+    while tops[-1] + view < height:
+        tops.append(min(tops[-1] + view - SCREENSHOT_OVERLAP, height - view))
+    names = [f"{stem}.png"] if len(tops) == 1 else [f"{stem}-{n}.png" for n in range(1, len(tops) + 1)]
+    for top, name in zip(tops, names, strict=True):
+        browser.execute_script("window.scrollTo({top: arguments[0], behavior: 'instant'});", top)
+        browser.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]));")
+        browser.save_screenshot(str(SCREENSHOTS / name))
+    reach = int(browser.execute_script("return window.scrollY + window.innerHeight"))
+    browser.execute_script("window.scrollTo({top: 0, behavior: 'instant'});")
+    browser.set_window_size(WIDTH, 900)
+    return names, reach
 
 
 def _requested_urls(performance_log: list[dict]) -> list[str]:
@@ -208,8 +256,55 @@ def test_page_loads_only_local_resources(page, visit, server) -> None:
     local = (server, "data:", "blob:", "about:", "chrome:", "chrome-extension:")  # chrome: = browser UI
     foreign = [u for u in data["requests"] if not u.startswith(local)]
     assert not foreign, f"{page} requested resources outside the local site (offline site broken): {foreign}"
-    errors = [e["message"] for e in data["console"] if "favicon.ico" not in e["message"]]
+    errors = [e["message"] for e in data["console"]]      # a missing favicon.ico counts too
     assert not errors, f"{page}: the browser console logged errors: {errors}"
+
+
+@page_params
+def test_one_header_bar(page, visit) -> None:
+    """sphinx-book-theme's article header only: no second bar holding a duplicate search box."""
+    data = visit(page)
+    assert len(data["headerBars"]) == 1, f"{page}: {len(data['headerBars'])} header bars: {data['headerBars']}"
+    assert data["searchFields"] <= 1, f"{page}: {data['searchFields']} search boxes on screen (one expected)"
+
+
+@page_params
+def test_code_cells_do_not_scroll_sideways(page, visit) -> None:
+    data = visit(page)
+    assert data["width"] == WIDTH, data["width"]
+    wide = [f"{c['overflow']} px too wide: {c['line'][:100]!r}" for c in data["codeOverflow"]]
+    assert not wide, (f"{page}: {len(wide)} code cell(s) scroll sideways at {WIDTH} px (format the source "
+                      f"with `ruff format book/`, 88 columns; printed output wraps by theme/static/book.css): "
+                      f"{wide[:5]}")
+
+
+@page_params
+def test_whole_page_is_screenshot(page, visit) -> None:
+    data = visit(page)
+    assert data["screenshots"] and all((SCREENSHOTS / n).is_file() for n in data["screenshots"]), data["screenshots"]
+    assert data["screenshotsReach"] >= data["height"] - 1, (
+        f"{page}: the screenshots stop at {data['screenshotsReach']} px of {data['height']}")
+
+
+def test_favicon_is_served(server, visit) -> None:
+    """Browsers ask every site for /favicon.ico; the pages also name their icon in <link rel="icon">."""
+    with urllib.request.urlopen(f"{server}/favicon.ico") as response:
+        assert response.status == 200
+        assert response.read(4) == b"\x00\x00\x01\x00", "/favicon.ico is not an ICO file"
+    for page in (PAGES[0], NOTEBOOK_PAGES[0]):
+        icons = visit(page)["icons"]
+        assert icons, f"{page}: no <link rel=\"icon\">"
+        for href in icons:
+            assert href.startswith(server), href
+            with urllib.request.urlopen(href) as response:
+                assert response.status == 200 and response.read(), href
+
+
+def test_tab_title_names_the_book_once(visit) -> None:
+    book = CONFIG["title"]
+    for page in PAGES:
+        title = visit(page)["title"]
+        assert title.count(book) == 1, f"{page}: the tab title {title!r} should name {book!r} once"
 
 
 @page_params
@@ -277,6 +372,11 @@ def test_references_page_lists_the_bibliography(visit) -> None:
     assert data["citations"] == entries, (
         f"book/references.md lists {data['citations']} works, references.bib has {entries}")
     assert "model-agnostic meta-learning" in data["prose"].lower()
+    # Author-year labels, as the text cites ("[Finn et al., 2017]"), not alpha codes ("[FAL17]").
+    labels = re.findall(r"\[([^\]]+)\]", data["labels"])
+    assert len(labels) == entries and all(re.fullmatch(r"[^\d,]+, (19|20)\d\d[a-z]?", lab) for lab in labels), labels
+    assert "Finn et al., 2017" in labels, labels
+    assert "Chapters cite with" not in data["prose"], "the authors' note belongs in the README"
 
 
 def test_static_sliders_move_without_a_kernel(server, browser) -> None:
