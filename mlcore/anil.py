@@ -147,7 +147,7 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
     loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
                               inputs=grad_inputs(params, inner_lr, tasks))
     if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps)
+        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps, tasks=tasks)
     return (loss, outputs) if return_outputs else loss
 
 

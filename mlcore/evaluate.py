@@ -73,6 +73,15 @@ def episode_accuracy(scores: Tensor, tasks: TaskBatch) -> Tensor:
                          f"({tasks.meta_batch}, {tasks.y_query.shape[1]}, n_way), got {shape}")
     if not tasks.is_classification:
         raise TypeError(f"evaluate: accuracy needs classification tasks (int64 labels), got {tasks.y_query.dtype}")
+    n_way = int(tasks.y_support.max()) + 1                          # episodes label classes 0..n_way-1
+    if scores.shape[-1] != n_way:
+        raise ValueError(f"evaluate: predict returned scores for {scores.shape[-1]} classes, but the episodes are "
+                         f"{n_way}-way (labels 0..{n_way - 1}); a model's head must have n_way outputs")
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"evaluate: predict returned NaN or infinite scores (episodes {bad[:5]} of this batch); "
+                         f"an argmax over them would score as chance without any error. Check the model (a "
+                         f"diverged inner loop, NaN weights) before evaluating")
     correct = scores.detach().argmax(-1) == tasks.y_query           # (B, n_query_total)
     return correct.double().mean(1).cpu()                            # (B,)
 

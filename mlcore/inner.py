@@ -222,9 +222,21 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
     return trajectory
 
 
-def raise_if_diverged(value: Tensor, *, inner_lr: InnerLR, inner_steps: int, what: str = "meta-loss") -> None:
-    """Raise :class:`InnerLoopDivergedError` with advice when ``value`` holds inf or NaN (one device sync)."""
+def raise_if_diverged(value: Tensor, *, inner_lr: InnerLR, inner_steps: int, what: str = "meta-loss",
+                      tasks: TaskBatch | None = None) -> None:
+    """Raise :class:`InnerLoopDivergedError` with advice when ``value`` holds inf or NaN (one device sync).
+
+    With ``tasks``, a non-finite value is first blamed on the data if the tasks themselves hold NaN or
+    inf (a ``ValueError`` naming the tensor), so that bad data is not reported as a learning rate problem.
+    """
     if not bool(torch.isfinite(value).all()):
+        if tasks is not None:
+            for name in ("x_support", "y_support", "x_query", "y_query"):
+                t = getattr(tasks, name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    where = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()[:5]
+                    raise ValueError(f"The {what} is not finite because tasks.{name} holds NaN or inf values "
+                                     f"(in task(s) {where}); clean the data: this is not a learning-rate problem")
         lr = inner_lr if isinstance(inner_lr, (int, float)) else "the given rates"
         raise InnerLoopDivergedError(
             f"The {what} is not finite after {inner_steps} inner step(s) with inner_lr={lr}: the inner loop "

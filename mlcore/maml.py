@@ -93,6 +93,9 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
         if weights.shape != (inner_steps,):
             raise ValueError(f"step_weights needs one weight per inner step (inner_steps={inner_steps}), "
                              f"got shape {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(f"step_weights must be finite and non-negative (MAML++ weights each step's query "
+                             f"loss), got {weights.tolist()}")
         eval_steps = list(range(1, inner_steps + 1))
     how = resolve_strategy(strategy, model, tasks.device)
 
@@ -103,7 +106,7 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
     loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, weights=weights, eager=eager,
                               inputs=grad_inputs(params, inner_lr, weights, tasks))
     if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps)
+        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps, tasks=tasks)
     return (loss, outputs) if return_outputs else loss
 
 

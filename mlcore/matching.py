@@ -43,6 +43,8 @@ is read as a sequence, so its order (class-major from the episode sampler) matte
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -129,6 +131,9 @@ def log_probs(query_emb: Tensor, support_emb: Tensor, support_labels: Tensor, n_
     if fce is not None:
         support_emb, query_emb = fce(support_emb, query_emb)      # g (B, S, D), f (B, Q, D)
     cosine = F.normalize(query_emb, dim=-1) @ F.normalize(support_emb, dim=-1).transpose(-1, -2)  # (B, Q, S)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"log_probs: scale must be a positive finite number (1 is the paper's), got {scale!r}; "
+                         f"a negative scale would attend to the least similar support examples")
     scores = scale * cosine
     # logsumexp over the support items of class k: mask the others with −inf. Every class has at least
     # one item (checked above), so no logsumexp is over −inf alone and the gradient stays finite.

@@ -100,7 +100,7 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], inner_lrs: Mapping
     loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
                               inputs=grad_inputs(params, inner_lrs, tasks))
     if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lrs, inner_steps=inner_steps)
+        raise_if_diverged(loss.detach(), inner_lr=inner_lrs, inner_steps=inner_steps, tasks=tasks)
     return (loss, outputs) if return_outputs else loss
 
 

@@ -43,9 +43,12 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int = 1) -> None:
         super().__init__()
+        if isinstance(hidden, (int, float)) or not hasattr(hidden, "__iter__"):
+            raise TypeError(f"MLP: hidden is the tuple of hidden-layer widths, e.g. (40, 40) for two layers "
+                            f"or ({hidden!r},) for one; got {hidden!r}")
         for name, value in (("in_features", in_features), ("out_features", out_features), *(
                 (f"hidden[{i}]", h) for i, h in enumerate(hidden))):
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MLP: {name} must be a positive integer, got {value!r}")
         layers: list[nn.Module] = []
         width = in_features

@@ -37,6 +37,7 @@ With ``norm="group"`` or ``"none"`` nothing is transductive and the choice makes
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import torch
@@ -144,6 +145,10 @@ def logits(query_emb: Tensor, prototypes: Tensor, distance: Distance = "euclidea
             or query_emb.shape[-1] != prototypes.shape[-1]:
         raise ValueError(f"logits: query_emb (B, n_query, D) and prototypes (B, n_way, D) must agree on B and D; "
                          f"got {tuple(query_emb.shape)} and {tuple(prototypes.shape)}")
+    if distance == "cosine" and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                 or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"logits: scale must be a positive finite number (the cosine softmax temperature), "
+                         f"got {scale!r}; a negative scale would rank the farthest prototype first")
     if distance == "euclidean":
         # ‖q − c‖² = ‖q‖² − 2 q·c + ‖c‖²: O(B·Q·N) memory instead of the O(B·Q·N·D) of broadcasting
         # q − c; the tests compare it with torch.cdist in float64.

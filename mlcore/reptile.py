@@ -49,7 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .inner import LossFn, _check_params_match_tasks, check_params, inner_loop, resolve_strategy
+from .inner import (InnerLoopDivergedError, LossFn, _check_params_match_tasks, check_params, inner_loop,
+                    resolve_strategy)
 from .tasks import TaskBatch
 
 __all__ = ["reptile_step", "predict", "OPTIMIZERS"]
@@ -140,7 +141,17 @@ def reptile_step(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
         else:  # Algorithm 2
             adapted = _adapt_tasks(model, theta, tasks, how, **kwargs)               # (B, *shape) each
             theta = {n: theta[n] + outer_lr * (adapted[n].mean(0) - theta[n]) for n in theta}
+    if not bool(torch.stack([t.abs().max() for t in theta.values()]).isfinite().all()):
+        bad = "the tasks' inputs or targets hold NaN or inf" if not _finite(tasks) else \
+            f"the inner loop diverged: use a smaller inner_lr (now {inner_lr}) or fewer inner_steps ({inner_steps})"
+        raise InnerLoopDivergedError(f"reptile_step: the new parameters are not finite: {bad}")
     return theta
+
+
+def _finite(tasks: TaskBatch) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (tasks.x_support, tasks.x_query)
+               if t.is_floating_point()) and (not tasks.y_support.is_floating_point() or bool(
+                   torch.isfinite(tasks.y_support).all()))
 
 
 def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,

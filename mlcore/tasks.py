@@ -18,6 +18,7 @@ This module is a foundation: it imports nothing else from mlcore.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,20 @@ class TaskBatch:
                          move(self.x_query, True), move(self.y_query, float_y))
 
     def __getitem__(self, index: int | slice) -> TaskBatch:
-        """Tasks ``index`` as a TaskBatch (an int keeps a task dimension of 1)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+        """Tasks ``index`` as a TaskBatch (an int keeps a task dimension of 1); a slice may be empty
+        only if it is out of range, which raises."""
+        if isinstance(index, bool) or not (isinstance(index, slice) or hasattr(index, "__index__")):
+            raise TypeError(f"TaskBatch indices are task numbers (int) or slices, got {type(index).__name__} "
+                            f"{index!r}")
+        if not isinstance(index, slice):
+            i = operator.index(index)
+            if not -self.meta_batch <= i < self.meta_batch:
+                raise IndexError(f"task index {i} is out of range for a TaskBatch of {self.meta_batch} tasks "
+                                 f"(valid: {-self.meta_batch}..{self.meta_batch - 1})")
+            i %= self.meta_batch
+            index = slice(i, i + 1)
+        elif len(range(*index.indices(self.meta_batch))) == 0:
+            raise IndexError(f"the slice {index} selects no task of a TaskBatch of {self.meta_batch} tasks")
         return TaskBatch(self.x_support[index], self.y_support[index],
                          self.x_query[index], self.y_query[index])
 
@@ -151,8 +163,9 @@ class SineTasks:
     def __init__(self, amplitude: tuple[float, float] = (0.1, 5.0), phase: tuple[float, float] = (0.0, math.pi),
                  x_range: tuple[float, float] = (-5.0, 5.0)) -> None:
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
-            if not lo <= hi:
-                raise ValueError(f"SineTasks: {name} must be (low, high) with low <= high, got {(lo, hi)}")
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"SineTasks: {name} must be (low, high), finite numbers with low <= high, "
+                                 f"got {(lo, hi)}")
         self.amplitude = amplitude
         self.phase = phase
         self.x_range = x_range
@@ -213,5 +226,10 @@ class SineTasks:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    # numpy and torch integers are integers too (operator.index accepts them); bools and floats are not.
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

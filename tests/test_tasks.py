@@ -112,7 +112,7 @@ def test_sine_reproducible_from_the_generator():
 
 
 def test_sine_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"amplitude must be \(low, high\) with low <= high, got \(5.0, 0.1\)"):
+    with pytest.raises(ValueError, match=r"amplitude must be \(low, high\), finite numbers with low <= high, got \(5.0, 0.1\)"):
         SineTasks(amplitude=(5.0, 0.1))
     for name, args in (("meta_batch", (0, 3, 4)), ("k_shot", (2, 0, 4)), ("n_query", (2, 3, -1))):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer"):

@@ -1,0 +1,109 @@
+"""Bad input gets an error that says what was wrong; nothing fails silently (one test per class)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlcore import maml, matching, protonet, reptile
+from mlcore.evaluate import episode_accuracy, evaluate
+from mlcore.inner import InnerLoopDivergedError
+from mlcore.models import MLP
+from mlcore.tasks import SineTasks, TaskBatch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def classification_tasks(b=2, n_way=3, shots=2, dim=4, seed=0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_way).repeat_interleave(shots).repeat(b, 1)
+    return TaskBatch(torch.randn(b, n_way * shots, dim, generator=g), y, torch.randn(b, n_way * shots, dim,
+                                                                                     generator=g), y.clone())
+
+
+# --- silent wrong results -------------------------------------------------------------------------
+def test_evaluate_refuses_nan_scores_instead_of_scoring_chance():
+    tasks = classification_tasks()
+    with pytest.raises(ValueError, match="NaN or infinite scores"):
+        episode_accuracy(torch.full((2, 6, 3), math.nan), tasks)
+
+
+def test_evaluate_refuses_scores_of_another_width():
+    tasks = classification_tasks()
+    with pytest.raises(ValueError, match="scores for 10 classes, but the episodes are 3-way"):
+        episode_accuracy(torch.zeros(2, 6, 10), tasks)
+
+    class Sampler:
+        generator = None
+
+        def sample(self, meta_batch):
+            return classification_tasks(b=meta_batch)
+    with pytest.raises(ValueError, match="3-way"):
+        evaluate(lambda t: torch.zeros(t.meta_batch, 6, 5), Sampler(), n_episodes=4)
+
+
+def test_reptile_raises_on_divergence_like_maml():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1)
+    params = dict(model.named_parameters())
+    tasks = SineTasks().sample(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InnerLoopDivergedError, match="smaller inner_lr"):
+        reptile.reptile_step(model, params, tasks, loss_fn=F.mse_loss, inner_lr=1e6, inner_steps=5, outer_lr=1.0)
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, math.nan, math.inf])
+def test_metric_scales_must_be_positive(scale):
+    q, c = torch.randn(2, 4, 8), torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        protonet.logits(q, c, "cosine", scale=scale)
+    s, y = torch.randn(2, 3, 8), torch.arange(3).repeat(2, 1)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        matching.log_probs(q, s, y, 3, scale=scale)
+
+
+@pytest.mark.parametrize("x_range", [(-math.inf, 5.0), (0.0, math.nan)])
+def test_sine_family_needs_finite_ranges(x_range):
+    with pytest.raises(ValueError, match="finite numbers"):
+        SineTasks(x_range=x_range)
+
+
+def test_task_indices_are_task_numbers():
+    tasks = classification_tasks(b=3)
+    with pytest.raises(TypeError, match="task numbers"):
+        tasks[True]
+    with pytest.raises(IndexError, match="task index 3 is out of range for a TaskBatch of 3 tasks"):
+        tasks[3]
+    with pytest.raises(IndexError, match="selects no task"):
+        tasks[5:]
+    assert torch.equal(tasks[np.int64(-1)].x_support, tasks.x_support[2:])   # numpy integers are integers
+
+
+def test_nan_step_weight_is_refused():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1)
+    tasks = SineTasks().sample(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="step_weights must be finite"):
+        maml.meta_loss(model, dict(model.named_parameters()), tasks, loss_fn=F.mse_loss, inner_lr=0.01,
+                       inner_steps=2, step_weights=[0.5, math.nan])
+
+
+# --- errors that teach ----------------------------------------------------------------------------
+def test_nan_data_is_not_blamed_on_the_learning_rate():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1)
+    tasks = SineTasks().sample(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    x = tasks.x_query.clone()
+    x[1, 0] = math.nan
+    bad = TaskBatch(tasks.x_support, tasks.y_support, x, tasks.y_query)
+    with pytest.raises(ValueError, match=r"tasks.x_query holds NaN or inf values \(in task\(s\) \[1\]\)"):
+        maml.meta_loss(model, dict(model.named_parameters()), bad, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
+
+
+def test_mlp_hidden_widths_message():
+    with pytest.raises(TypeError, match=r"tuple of hidden-layer widths, e.g. \(40, 40\)"):
+        MLP(1, 40, 1)
+    with pytest.raises(ValueError, match="hidden\\[0\\] must be a positive integer"):
+        MLP(1, (True,), 1)
