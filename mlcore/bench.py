@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -527,14 +528,20 @@ def format_report(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
@@ -596,6 +603,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--inner-lr must be a positive number, got {a.inner_lr}")
     if a.benchmark == "maml" and a.image_size < 16:
         parser.error(f"--image-size {a.image_size} is too small for Conv4's four 2x2 poolings (need >= 16)")
+    if a.json:  # check the output before minutes of work, not after
+        target = Path(a.json).expanduser()
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            parser.error(f"--json {a.json}: cannot write there (a folder, or a missing or read-only parent "
+                         f"folder); give a writable file path")
+        a.json = str(target)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     return run(a.benchmark, a)

@@ -268,6 +268,10 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> s
         return strategy
     if torch_bn:
         return "loop"
+    random_layers = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+                     and m.training and m.p > 0]
+    if random_layers:
+        return "loop"  # vmap refuses random operations unless told how to batch them (randomness=...)
     if device.type == "cuda":
         return "vmap"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
