@@ -308,6 +308,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     how = resolve_strategy(strategy, model, tasks.device)
     if chunk_size is not None and how != "vmap":
         raise ValueError(f"chunk_size applies to strategy='vmap' only (resolved strategy: {how!r})")
+    _check_labels(tasks)
 
     def one_task(theta: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor):
         trajectory = inner_loop(model, theta, xs, ys, loss_fn=loss_fn, inner_lr=inner_lr,
@@ -328,9 +329,38 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
         parts = [batched(params, *(t[i:i + size] for t in data)) for i in range(0, tasks.meta_batch, size)]
         losses = torch.cat([p[0] for p in parts])
         outputs = torch.cat([p[1] for p in parts])
+    _check_outputs(outputs, tasks)
     if eval_steps is None:
         losses = losses[:, 0]
     return (losses, outputs) if return_outputs else losses
+
+
+def _check_labels(tasks: TaskBatch) -> None:
+    """Classification labels: 0..n_way-1 with every query class among the support classes."""
+    if not tasks.is_classification:
+        return
+    low = int(torch.minimum(tasks.y_support.min(), tasks.y_query.min()))
+    n_way = int(tasks.y_support.max()) + 1
+    if low < 0:
+        raise ValueError(f"class labels must lie in 0..n_way-1, found {low}; remap each task's classes to "
+                         f"0..n_way-1")
+    if int(tasks.y_query.max()) >= n_way:
+        raise ValueError(f"a query label ({int(tasks.y_query.max())}) is not among the support classes "
+                         f"0..{n_way - 1}: a task can only be learnt from classes its support set shows")
+
+
+def _check_outputs(outputs: Tensor, tasks: TaskBatch) -> None:
+    """The network's query outputs must fit the targets: n_way logits, or the targets' exact shape."""
+    if tasks.is_classification:
+        n_way = int(tasks.y_support.max()) + 1
+        if outputs.dim() != 3 or outputs.shape[-1] != n_way:
+            raise ValueError(f"the model returns query outputs of shape {tuple(outputs.shape[1:])} per task, but "
+                             f"the tasks are {n_way}-way: it needs (n_query, {n_way}) logits (a head with n_way "
+                             f"outputs, e.g. Conv4(n_way={n_way}))")
+    elif outputs.shape != tasks.y_query.shape:
+        raise ValueError(f"the model's query outputs have shape {tuple(outputs.shape[1:])} per task but the targets "
+                         f"{tuple(tasks.y_query.shape[1:])}; a loss over mismatched shapes broadcasts to a wrong "
+                         f"value. Give targets the outputs' shape (e.g. y.unsqueeze(-1))")
 
 
 # ----------------------------------------------------------------------------- the mean over tasks

@@ -126,3 +126,30 @@ def test_models_with_dropout_run_task_by_task():
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1))
     assert resolve_strategy("auto", model, torch.device("cpu")) == "loop"
     assert resolve_strategy("auto", model.eval(), torch.device("cpu")) == "vmap"
+
+
+def test_model_output_width_and_labels_are_checked():
+    from mlcore.models import Conv4
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(2, 1)
+    tasks = TaskBatch(torch.rand(2, 3, 1, 28, 28, generator=g), y, torch.rand(2, 3, 1, 28, 28, generator=g), y)
+    model = Conv4(1, 10, hidden=8)                                  # a 10-way head on 3-way tasks
+    with pytest.raises(ValueError, match=r"the tasks are 3-way: it needs \(n_query, 3\) logits"):
+        maml.meta_loss(model, dict(model.named_parameters()), tasks, loss_fn=F.cross_entropy, inner_lr=0.1,
+                       inner_steps=1)
+    model = Conv4(1, 3, hidden=8)
+    bad = TaskBatch(tasks.x_support, y, tasks.x_query, y + 1)       # query label 3 not in the support set
+    with pytest.raises(ValueError, match="not among the support classes"):
+        maml.meta_loss(model, dict(model.named_parameters()), bad, loss_fn=F.cross_entropy, inner_lr=0.1,
+                       inner_steps=1)
+
+
+def test_regression_targets_must_match_the_outputs():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1)
+    t = SineTasks().sample(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    flat = TaskBatch(t.x_support, t.y_support[..., 0], t.x_query, t.y_query[..., 0])   # (B, n) targets
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="broadcasts to a wrong value"):
+        maml.meta_loss(model, dict(model.named_parameters()), flat, loss_fn=F.mse_loss, inner_lr=0.01,
+                       inner_steps=1)
