@@ -50,6 +50,14 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     Raises :class:`~mlcore.inner.InnerLoopDivergedError` if θ_K is not finite (``check_finite``).
     """
     check_params(model, params)
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() == 0 or y.dim() == 0 \
+            or x.shape[0] != y.shape[0]:
+        raise ValueError(f"adapt takes the support set of ONE task: x (n, ...) and y (n, ...) with the same n; "
+                         f"got {tuple(getattr(x, 'shape', ()))} and {tuple(getattr(y, 'shape', ()))}")
+    if (y.dtype == torch.int64 and y.dim() != 1) or (y.is_floating_point() and y.dim() > 2):
+        raise ValueError(f"adapt takes ONE task, but y has shape {tuple(y.shape)}, a batch of tasks: it would be "
+                         f"pooled into one task. Use meta_loss or predict for a TaskBatch, or pass tasks[i]'s "
+                         f"x_support[0], y_support[0]")
     theta = inner_loop(model, params, x, y, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
                        first_order=first_order)[-1]
     if check_finite:

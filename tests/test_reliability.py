@@ -153,3 +153,13 @@ def test_regression_targets_must_match_the_outputs():
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="broadcasts to a wrong value"):
         maml.meta_loss(model, dict(model.named_parameters()), flat, loss_fn=F.mse_loss, inner_lr=0.01,
                        inner_steps=1)
+
+
+def test_adapt_refuses_a_batch_of_tasks():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1)
+    t = SineTasks().sample(3, 5, 5, generator=torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+    with pytest.raises(ValueError, match="a batch of tasks"):
+        maml.adapt(model, params, t.x_support, t.y_support, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
+    maml.adapt(model, params, t.x_support[0], t.y_support[0], loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
