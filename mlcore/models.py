@@ -139,15 +139,19 @@ class Conv4(nn.Module):
         self.embedding_dim = hidden * side * side
         self.head = nn.Linear(self.embedding_dim, n_way) if n_way is not None else None
 
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \
+                or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(
+                f"Conv4 expects images of shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
+                f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+
     def embed(self, x: Tensor) -> Tensor:
         """Body only: (N, C, H, W) → (N, embedding_dim)."""
+        self._check_input(x)
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size \
-                or x.shape[-2] != self.image_size:
-            raise ValueError(
-                f"Conv4 expects images of shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
-                f"got {tuple(x.shape)}")
+        self._check_input(x)
         z = self.body(x)                   # (N, embedding_dim)
         return self.head(z) if self.head is not None else z

@@ -163,3 +163,9 @@ def test_adapt_refuses_a_batch_of_tasks():
     with pytest.raises(ValueError, match="a batch of tasks"):
         maml.adapt(model, params, t.x_support, t.y_support, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
     maml.adapt(model, params, t.x_support[0], t.y_support[0], loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=1)
+
+
+def test_conv4_embed_checks_its_input():
+    from mlcore.models import Conv4
+    with pytest.raises(ValueError, match=r"Conv4 expects images of shape \(N, 1, 28, 28\), got \(2, 3, 28, 28\)"):
+        Conv4(1, None, hidden=8).embed(torch.zeros(2, 3, 28, 28))
