@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -101,6 +102,10 @@ def train_main(argv: list[str] | None = None) -> int:
     from .experiment import RunFolderError, train
     print(f"{config.preset}: {config.method} on {config.dataset}, {config.steps} steps -> {out} "
           f"({device}, {torch.get_num_threads()} threads, torch {torch.__version__})", flush=True)
+    def terminated(signum, frame):  # kill / a scheduler's SIGTERM: stop like Ctrl-C (session logged)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         history = train(config, out, device=device, progress=not args.no_progress,
                         command=["python", "-m", "mlcore.train", *(sys.argv[1:] if argv is None else argv)],
@@ -112,6 +117,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; run the same command again to resume from {out / 'checkpoint.pt'}",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if history.steps and history.steps[-1] + 1 < config.steps:
         print(f"stopped at the time limit after step {history.steps[-1] + 1} of {config.steps}; run the "
               f"same command again to continue")

@@ -315,3 +315,26 @@ def test_gpu_script_trains_every_preset_at_toy_size(tmp_path, capsys):
         assert record["training"]["steps"] == row["steps"] == 6
     with pytest.raises(ValueError, match="presets: "):
         module.parse_plan("maml-omniglot-5w3s:1")
+
+
+def test_sigterm_stops_like_ctrl_c_and_logs_the_session(tmp_path, monkeypatch):
+    import os
+    import signal
+    real_build = experiment.build
+
+    def terminating_build(config, device="cpu"):
+        method = real_build(config, device)
+        inner = method.step
+
+        def step(tasks, i):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(tasks, i)
+        method.step = step
+        return method
+    monkeypatch.setattr(experiment, "build", terminating_build)
+    out = tmp_path / "run"
+    assert cli.train_main(tiny_args("protonet-omniglot-1shot", out)) == 130
+    (session,) = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert session["steps_to"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
