@@ -33,7 +33,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -70,7 +70,7 @@ def _omniglot(split: str) -> tuple[Tensor, Tensor]:
     return load_omniglot(split=split, progress=False)
 
 
-def episodes(config: Config, split: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
+def episodes(split: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
              device: torch.device) -> EpisodeSampler:
     """An Omniglot episode sampler on the Vinyals ``split`` with its own generator seeded ``seed``."""
     images, labels = _omniglot(split)
@@ -95,7 +95,6 @@ class Method:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     step: Callable[[TaskBatch, int], dict[str, float]]
     predict: Callable[[TaskBatch, int], Tensor]
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
 
     def weights(self) -> dict[str, Any]:
         """The trained weights (no optimiser state): what ``best.pt`` holds."""
@@ -238,7 +237,7 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             with torch.no_grad():
                 return matching.predict(model, tasks, fce=fce, scale=c.matching_scale)
-    return Method(c, modules, tensors, optimizer, scheduler, step, predict, loss_fn)
+    return Method(c, modules, tensors, optimizer, scheduler, step, predict)
 
 
 def one_query_at_a_time(predict: Callable[[TaskBatch], Tensor], chunk: int = 512) -> Callable[[TaskBatch], Tensor]:
@@ -320,7 +319,7 @@ def evaluate_model(method: Method, protocol: Protocol, *, device: torch.device |
         mean, ci = per_task.mean().item(), 1.96 * per_task.std(correction=1).item() / math.sqrt(n)
         return {"metric": "mse", "mean": mean, "ci95": ci, "n_episodes": n,
                 "seconds_per_episode": (time.perf_counter() - started) / n}
-    sampler = episodes(c, protocol.split, n_way=protocol.n_way, k_shot=protocol.k_shot, n_query=protocol.n_query,
+    sampler = episodes(protocol.split, n_way=protocol.n_way, k_shot=protocol.k_shot, n_query=protocol.n_query,
                        seed=protocol.seed, device=device)
 
     def predict(tasks: TaskBatch) -> Tensor:
@@ -420,7 +419,7 @@ def train(config: Config, out: str | os.PathLike, *, device: torch.device | str 
         def sample() -> TaskBatch:
             return sine.sample(c.meta_batch, c.k_shot, c.n_query, generator=generator, device=device)
     else:
-        sampler = episodes(c, "train", n_way=c.n_way, k_shot=c.k_shot, n_query=c.n_query, seed=c.seed, device=device)
+        sampler = episodes("train", n_way=c.n_way, k_shot=c.k_shot, n_query=c.n_query, seed=c.seed, device=device)
         generator = sampler.generator
 
         def sample() -> TaskBatch:
