@@ -27,14 +27,14 @@ code             paper           meaning
 
 Feature reuse (``reuse_features``). The body's features of the support and query sets do not
 depend on the head, so they can be computed once per task, with gradient tracking, instead of once
-per inner step: the shared inner loop then runs on the head module alone, over those features
-(support: (B, n_support, D), query: (B, n_query, D)). Value and meta-gradient are identical to the
-generic path (tested). The saving is the body's forward and backward passes on the support set at
-every inner step, so it grows with K and the support size: on a busy 2-core CPU, Conv4(hidden=64),
-4 tasks of 5-way with 15 queries per class, ×1.7 (1-shot, K = 5) to ×3.7 (5-shot, K = 10); nothing
-measurable for the sine MLP (overhead-bound at that size). It applies when the model is an
-:class:`~mlcore.models.MLP` or :class:`~mlcore.models.Conv4` (known to compute ``head(body(x))``) and
-``head`` is exactly the ``head`` module's parameters; ``reuse_features=None`` then picks it.
+per inner step: ANIL is then MAML on the head module alone, over those features (:func:`task_loss`).
+Value and meta-gradient are identical to the generic path (tested). The saving is the body's forward
+and backward passes on the support set at every inner step, so it grows with K and the support size:
+on a busy 2-core CPU, Conv4(hidden=64), 4 tasks of 5-way with 15 queries per class, ×1.7 (1-shot,
+K = 5) to ×3.7 (5-shot, K = 10); nothing measurable for the sine MLP (overhead-bound at that size). It
+applies when the model is a :class:`~mlcore.models.BodyHead` (``MLP``, ``Conv4``, or a subclass of
+yours: the class promises ``forward(x) == head(body(x))``) and ``head`` names exactly the ``head``
+module's parameters; ``reuse_features=None`` then picks it.
 """
 from __future__ import annotations
 
@@ -44,12 +44,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .inner import (InnerLR, LossFn, _check_params_match_tasks, check_params, grad_inputs, query_losses,
-                    raise_if_diverged, resolve_strategy, task_mean)
-from .models import MLP, Conv4
+from . import checks, family, maml
+from .family import Step
+from .inner import InnerLR, LossFn, MetaStep, Rates
+from .models import BodyHead
 from .tasks import TaskBatch
 
-__all__ = ["head_names", "meta_loss", "predict"]
+__all__ = ["head_names", "task_loss", "meta_loss", "meta_backward", "train_step", "predict"]
 
 
 def head_names(params: Mapping[str, Tensor], head: str | Collection[str]) -> tuple[str, ...]:
@@ -76,88 +77,97 @@ def head_names(params: Mapping[str, Tensor], head: str | Collection[str]) -> tup
     return names
 
 
-def _can_reuse_features(model: nn.Module, params: Mapping[str, Tensor], names: Sequence[str]) -> bool:
-    if type(model).forward not in (MLP.forward, Conv4.forward) or getattr(model, "head", None) is None:
-        return False  # only for networks known to compute head(body(x))
-    head_params = {f"head.{n}" for n, _ in model.head.named_parameters()}
-    return set(names) == head_params and all(n.startswith("body.") for n in params if n not in head_params)
+def can_reuse_features(model: nn.Module, params: Mapping[str, Tensor], names: Sequence[str]) -> bool:
+    """True when ``model`` is a :class:`~mlcore.models.BodyHead` and ``names`` are its head's parameters."""
+    if not isinstance(model, BodyHead) or model.head is None:
+        return False
+    head = {f"head.{n}" for n, _ in model.head.named_parameters()}
+    return set(names) == head and all(n.startswith("body.") for n in params if n not in head)
 
 
-def _strip_prefix(inner_lr: InnerLR, names: Sequence[str]) -> InnerLR:
-    """Rename per-parameter rates 'head.weight' -> 'weight' for the head module."""
-    def strip(rate):
-        return {n[len("head."):]: rate[n] for n in names if n in rate} if isinstance(rate, Mapping) else rate
-    if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, (str, bytes)):
-        return [strip(r) for r in inner_lr]
-    return strip(inner_lr)
+def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor,
+              *, head: Sequence[str], loss_fn: LossFn, rates: Rates, first_order: bool = False,
+              reuse_features: bool = False, vmapped: bool = False) -> tuple[Tensor, Tensor]:
+    """One task's ANIL objective and query outputs: K inner steps on the ``head`` parameters only.
+
+    Without feature reuse that is MAML's task loss with only the head moving. With it, the body's
+    features are computed once, tracked (the body is meta-learned through them), and MAML runs on the
+    head module over the features.
+    """
+    if not reuse_features:
+        return maml.task_loss(model, params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=rates,
+                              first_order=first_order, vmapped=vmapped)
+    body = {n.removeprefix("body."): p for n, p in params.items() if n not in head}
+    features_s = functional_call(model.body, body, (x_s,))     # (n_support, D)
+    features_q = functional_call(model.body, body, (x_q,))     # (n_query, D)
+    theta_h = {n.removeprefix("head."): params[n] for n in head}
+    head_rates = [{n.removeprefix("head."): r for n, r in rate.items()} for rate in rates]
+    return maml.task_loss(model.head, theta_h, features_s, y_s, features_q, y_q, loss_fn=loss_fn, rates=head_rates,
+                          first_order=first_order, vmapped=vmapped)
 
 
-def _body_features(model: nn.Module, body: dict[str, Tensor], x: Tensor, how: str) -> Tensor:
-    """Per-task body features, (b, N, ...) -> (b, N, D): per task, because batch statistics are per task."""
-    def embed(x_task: Tensor) -> Tensor:
-        return functional_call(model.body, body, (x_task,))          # (N, ...) -> (N, D)
-    return torch.stack([embed(x_task) for x_task in x]) if how == "loop" else torch.func.vmap(embed)(x)
+def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
+               loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+               strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+               reuse_features: bool | None = None, backward: bool = False) -> MetaStep:
+    checks.params(model, params)
+    names = head_names(params, head)
+    p = family.prepare(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, adapt=names,
+                       strategy=strategy, chunk_size=chunk_size, loss_fn=loss_fn)
+    can_reuse = can_reuse_features(model, params, names)
+    if reuse_features and not can_reuse:
+        raise ValueError(f"reuse_features=True needs a mlcore.models.BodyHead (MLP, Conv4, or a subclass) with "
+                         f"head={head!r} naming exactly its 'head' module's parameters; got "
+                         f"{type(model).__name__} and head names {list(names)}")
+    reuse = can_reuse if reuse_features is None else bool(reuse_features)
+    if reuse:
+        model.check_input(tasks.x_support[0])
+
+    def one_task(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
+        return task_loss(model, params, x_s, y_s, x_q, y_q, head=names, loss_fn=loss_fn, rates=p.rates,
+                         first_order=first_order, reuse_features=reuse, vmapped=vmapped)
+
+    return family.run(one_task, tasks, p, inner_lr=inner_lr, check_finite=check_finite, backward=backward)
 
 
 def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
               loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
               strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
-              return_outputs: bool = False, reuse_features: bool | None = None,
-              eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+              reuse_features: bool | None = None) -> Tensor:
     """The ANIL objective: mean over tasks of L_query after K inner steps on the head only.
 
-    Differentiable w.r.t. every parameter (body included). ``first_order`` drops the inner gradient's
-    derivative (FOMAML-style), which also removes the body's path through the inner loop.
-    ``reuse_features``: ``None`` (auto), ``True`` (require the feature-reuse path; raises if the model does
-    not qualify) or ``False`` (generic path: the full network runs at every inner step). Other
-    arguments (``strategy``, ``chunk_size``, ``eager``...) as in :func:`mlcore.maml.meta_loss`; returns the
-    scalar loss (and the query outputs (meta_batch, n_query, ...) with ``return_outputs``).
+    A differentiable scalar w.r.t. every parameter, body included. ``first_order`` drops the inner
+    gradient's derivative (FOMAML-style), which also removes the body's path through the inner loop.
+    ``reuse_features``: ``None`` (auto), ``True`` (require the feature-reuse path; raises if the model
+    does not qualify) or ``False`` (generic path: the full network runs at every inner step). Other
+    arguments as in :func:`mlcore.maml.meta_loss`.
     """
-    if not isinstance(tasks, TaskBatch):
-        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
-    check_params(model, params)
-    names = head_names(params, head)
-    can_reuse = _can_reuse_features(model, params, names)
-    if reuse_features and not can_reuse:
-        raise ValueError(f"reuse_features=True needs an MLP or Conv4 with head={head!r} naming exactly the "
-                         f"'head' module's parameters; got {type(model).__name__} and head names {list(names)}")
-    how = resolve_strategy(strategy, model, tasks.device)
-    if reuse_features is False or not can_reuse:
-        def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, 1), (b, n_query, ...)
-            return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                                first_order=first_order, adapt=names, eval_steps=[inner_steps], strategy=how,
-                                return_outputs=True)
-    else:
-        _check_params_match_tasks(params, tasks)
-        if isinstance(model, Conv4) and tasks.x_support.shape[2:] != (model.in_channels, model.image_size,
-                                                                      model.image_size):
-            raise ValueError(f"Conv4 expects images of shape (N, {model.in_channels}, {model.image_size}, "
-                             f"{model.image_size}), got tasks with {tuple(tasks.x_support.shape[2:])}")
-        body = {n[len("body."):]: p for n, p in params.items() if n not in names}
-        head_params = {n[len("head."):]: params[n] for n in names}
-        head_lr = _strip_prefix(inner_lr, names)
+    return _objective(model, params, tasks, head=head, loss_fn=loss_fn, inner_lr=inner_lr,
+                      inner_steps=inner_steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size,
+                      check_finite=check_finite, reuse_features=reuse_features).loss
 
-        def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
-            features = TaskBatch(_body_features(model, body, chunk.x_support, how), chunk.y_support,
-                                 _body_features(model, body, chunk.x_query, how), chunk.y_query)
-            # The same shared inner loop, on the head module over fixed (but differentiable) features.
-            return query_losses(model.head, head_params, features, loss_fn=loss_fn, inner_lr=head_lr,
-                                inner_steps=inner_steps, first_order=first_order, eval_steps=[inner_steps],
-                                strategy=how, return_outputs=True)
-    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
-                              inputs=grad_inputs(params, inner_lr, tasks))
-    if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps, tasks=tasks)
-    return (loss, outputs) if return_outputs else loss
+
+def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
+                  loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+                  strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                  reuse_features: bool | None = None) -> MetaStep:
+    """:func:`meta_loss` back-propagated task by task into ``.grad`` (the memory of one task); returns
+    the detached loss and query outputs, as :func:`mlcore.maml.meta_backward`."""
+    return _objective(model, params, tasks, head=head, loss_fn=loss_fn, inner_lr=inner_lr,
+                      inner_steps=inner_steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size,
+                      check_finite=check_finite, reuse_features=reuse_features, backward=True)
+
+
+def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+               tasks: TaskBatch, **kwargs: object) -> Step:
+    """One outer step on body and head; ``kwargs`` as for :func:`meta_loss`. Returns (loss, accuracy)."""
+    return family.train_step(meta_backward, model, params, optimizer, tasks, **kwargs)
 
 
 def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
             loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, strategy: str = "auto",
-            reuse_features: bool | None = None) -> Tensor:
+            chunk_size: int | None = None, reuse_features: bool | None = None) -> Tensor:
     """Meta-test: adapt the head only on each support set; query outputs (meta_batch, n_query, ...), detached."""
-    with torch.no_grad():  # the inner loop's torch.func.grad still works under an outer no_grad
-        _, outputs = meta_loss(model, {n: p.detach() for n, p in params.items()}, tasks, head=head,
-                               loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True,
-                               strategy=strategy, check_finite=False, return_outputs=True,
-                               reuse_features=reuse_features)
-    return outputs
+    return family.predict(_objective, model, params, tasks, head=head, loss_fn=loss_fn, inner_lr=inner_lr,
+                          inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size,
+                          reuse_features=reuse_features)

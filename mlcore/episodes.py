@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mlcore import checks
 from mlcore.tasks import TaskBatch
 
 __all__ = ["EpisodeSampler", "split_classes"]
@@ -54,7 +55,7 @@ class EpisodeSampler:
                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
         _check_images_labels(images, labels)
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
-            _check_positive(name, value)
+            checks.positive_int(name, value, "EpisodeSampler")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"EpisodeSampler: generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}; e.g. torch.Generator().manual_seed(0)")
@@ -104,7 +105,7 @@ class EpisodeSampler:
         class_ids (B, N) are the data set's ids of each episode's classes (episode label n is
         class_ids[:, n]); support_index (B, N·K) and query_index (B, N·Q) index ``images``.
         """
-        _check_positive("meta_batch", meta_batch)
+        checks.positive_int("meta_batch", meta_batch, "EpisodeSampler")
         n, k, q = self.n_way, self.k_shot, self.n_query
         dev, g = self._index_device, self.generator
         # N distinct classes per episode: the N largest of iid uniform keys form a uniformly random
@@ -155,7 +156,7 @@ def split_classes(labels: Tensor, sizes: Sequence[int], *, generator: torch.Gene
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
         raise TypeError("split_classes: labels must be a 1-D int64 tensor of class ids")
     for i, size in enumerate(sizes):
-        _check_positive(f"sizes[{i}]", size, "split_classes")
+        checks.positive_int(f"sizes[{i}]", size, "split_classes")
     class_ids = torch.unique(labels.cpu())
     if sum(sizes) > class_ids.numel():
         raise ValueError(f"split_classes: sizes {list(sizes)} add up to {sum(sizes)} classes but labels hold "
@@ -182,8 +183,3 @@ def _check_images_labels(images: Tensor, labels: Tensor) -> None:
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"EpisodeSampler: labels must have shape (num_images,) = ({images.shape[0]},) to match "
                          f"images, got {tuple(labels.shape)}")
-
-
-def _check_positive(name: str, value: int, where: str = "EpisodeSampler") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")

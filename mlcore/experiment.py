@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import anil, maml, matching, metasgd, protonet, reptile
+from . import anil, family, maml, matching, metasgd, protonet, reptile
 from .episodes import EpisodeSampler
 from .evaluate import Accuracy, evaluate
 from .models import MLP, Conv4
@@ -121,10 +121,6 @@ class Method:
                     t.copy_(saved[name][k])
 
 
-def _accuracy(scores: Tensor, labels: Tensor) -> float:
-    return (scores.argmax(-1) == labels).float().mean().item()
-
-
 def build(config: Config, device: torch.device | str = "cpu") -> Method:
     """The networks (initialised from ``config.seed``), optimiser, schedule, update and predictor."""
     device = torch.device(device)
@@ -157,34 +153,22 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
     if optimizer is not None and c.lr_halve_every:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c.lr_halve_every, gamma=0.5)
 
-    def metrics(loss: Tensor, outputs: Tensor, tasks: TaskBatch) -> dict[str, float]:
-        out = {"loss": loss.item()}
-        if not regression:
-            out["acc"] = _accuracy(outputs.detach(), tasks.y_query)
-        return out
-
-    def outer_step(loss: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def outer_step(result: family.Step) -> dict[str, float]:
         if scheduler is not None:
             scheduler.step()
+        return {"loss": result.loss} if result.accuracy is None else {"loss": result.loss, "acc": result.accuracy}
 
     inner = dict(loss_fn=loss_fn, inner_lr=c.inner_lr, inner_steps=c.inner_steps)
     if c.method in ("maml", "fomaml"):
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            loss, outputs = maml.meta_loss(model, params, tasks, **inner, first_order=c.method == "fomaml",
-                                           return_outputs=True)
-            outer_step(loss)
-            return metrics(loss, outputs, tasks)
+            return outer_step(maml.train_step(model, params, optimizer, tasks, **inner,
+                                              first_order=c.method == "fomaml"))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             return maml.predict(model, params, tasks, loss_fn=loss_fn, inner_lr=c.inner_lr, inner_steps=steps)
     elif c.method == "anil":
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            loss, outputs = anil.meta_loss(model, params, tasks, head="head", **inner, return_outputs=True)
-            outer_step(loss)
-            return metrics(loss, outputs, tasks)
+            return outer_step(anil.train_step(model, params, optimizer, tasks, head="head", **inner))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             return anil.predict(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=c.inner_lr,
@@ -193,13 +177,11 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
         lrs = tensors["inner_lrs"]
 
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            loss, outputs = metasgd.meta_loss(model, params, lrs, tasks, loss_fn=loss_fn, inner_steps=c.inner_steps,
-                                              return_outputs=True)
-            outer_step(loss)
-            return metrics(loss, outputs, tasks)
+            return outer_step(metasgd.train_step(model, params, optimizer, tasks, loss_fn=loss_fn, inner_lr=lrs,
+                                                 inner_steps=c.inner_steps))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
-            return metasgd.predict(model, params, lrs, tasks, loss_fn=loss_fn, inner_steps=steps)
+            return metasgd.predict(model, params, tasks, loss_fn=loss_fn, inner_lr=lrs, inner_steps=steps)
     elif c.method == "reptile":
         adam = dict(optimizer=c.reptile_inner, adam_betas=(0.0, 0.999))
 
@@ -217,10 +199,7 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
                                    **adam)
     elif c.method == "protonet":
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            loss, acc = protonet.train_step(model, optimizer, tasks)
-            if scheduler is not None:
-                scheduler.step()
-            return {"loss": loss, "acc": acc}
+            return outer_step(protonet.train_step(model, optimizer, tasks))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             with torch.no_grad():
@@ -229,10 +208,7 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
         fce = modules.get("fce")
 
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            loss, acc = matching.train_step(model, optimizer, tasks, fce=fce, scale=c.matching_scale)
-            if scheduler is not None:
-                scheduler.step()
-            return {"loss": loss, "acc": acc}
+            return outer_step(matching.train_step(model, optimizer, tasks, fce=fce, scale=c.matching_scale))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             with torch.no_grad():

@@ -24,20 +24,25 @@ MAML++ options (Antoniou et al. 2019, "How to train your MAML"):
 - per-layer per-step learning rates (LSLR): pass ``inner_lr`` as a list of K dicts of learnable
   tensors (see :func:`per_step_learning_rates`) and give them to the outer optimiser.
 
-The inner loop itself lives in :mod:`mlcore.inner`; this file only defines the MAML objective.
+The inner loop lives in :mod:`mlcore.inner`; this file writes down one task's objective
+(:func:`task_loss`); :mod:`mlcore.family` turns it into ``meta_loss`` (a differentiable scalar),
+``meta_backward`` (per-task backward: the memory of one task), ``train_step`` and ``predict``, the
+same four entry points as Meta-SGD's and ANIL's.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from .inner import (InnerLR, LossFn, check_params, grad_inputs, inner_loop, query_losses, raise_if_diverged,
-                    resolve_strategy, task_mean)
+from . import checks, family
+from .family import Step
+from .inner import InnerLR, LossFn, MetaStep, Rates, trajectory
 from .tasks import TaskBatch
 
-__all__ = ["adapt", "meta_loss", "predict", "per_step_learning_rates"]
+__all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "predict", "per_step_learning_rates"]
 
 
 def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
@@ -49,7 +54,7 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     unless ``first_order``; under ``torch.no_grad()`` adaptation still works (for evaluation).
     Raises :class:`~mlcore.inner.InnerLoopDivergedError` if θ_K is not finite (``check_finite``).
     """
-    check_params(model, params)
+    checks.params(model, params)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() == 0 or y.dim() == 0 \
             or x.shape[0] != y.shape[0]:
         raise ValueError(f"adapt takes the support set of ONE task: x (n, ...) and y (n, ...) with the same n; "
@@ -58,79 +63,102 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
         raise ValueError(f"adapt takes ONE task, but y has shape {tuple(y.shape)}, a batch of tasks: it would be "
                          f"pooled into one task. Use meta_loss or predict for a TaskBatch, or pass tasks[i]'s "
                          f"x_support[0], y_support[0]")
-    theta = inner_loop(model, params, x, y, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                       first_order=first_order)[-1]
+    steps = checks.non_negative_int("inner_steps", inner_steps)
+    rates = checks.rates(inner_lr, steps, params, list(params))
+    theta = trajectory(model, params, x, y, loss_fn=loss_fn, rates=rates, first_order=first_order,
+                       vmapped=False)[-1]
     if check_finite:
-        raise_if_diverged(torch.stack([t.detach().abs().max() for t in theta.values()]),
-                          inner_lr=inner_lr, inner_steps=inner_steps, what="adapted parameters")
+        checks.raise_if_diverged(torch.stack([t.detach().abs().max() for t in theta.values()]),
+                                 inner_lr=inner_lr, inner_steps=inner_steps, what="adapted parameters")
     return theta
 
 
-def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
-              inner_lr: InnerLR, inner_steps: int, first_order: bool = False, strategy: str = "auto",
-              chunk_size: int | None = None, step_weights: Sequence[float] | Tensor | None = None,
-              check_finite: bool = True, return_outputs: bool = False,
-              eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """The MAML meta-objective: mean over tasks of the query loss after ``inner_steps`` inner steps.
+def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor,
+              *, loss_fn: LossFn, rates: Rates, first_order: bool = False, step_weights: Tensor | None = None,
+              vmapped: bool = False) -> tuple[Tensor, Tensor]:
+    """One task's term of the MAML objective and its query outputs: adapt on (x_s, y_s), score (x_q, y_q).
 
-    Differentiable w.r.t. ``params`` (and w.r.t. learnable ``inner_lr`` tensors): call ``.backward()``
-    and step an optimiser over ``params.values()``. ``first_order=True`` gives FOMAML.
+    ``rates[k]`` maps each parameter to α_k (checked by the caller). With MAML++ ``step_weights``
+    (w_1 … w_K) the term is Σ_k w_k L(θ_k; D^ts) instead of L(θ_K; D^ts).
+    """
+    path = trajectory(model, params, x_s, y_s, loss_fn=loss_fn, rates=rates, first_order=first_order,
+                      vmapped=vmapped)                                           # θ_0 = θ, …, θ_K = θ'_i
+    if step_weights is None:
+        outputs = functional_call(model, path[-1], (x_q,))
+        return loss_fn(outputs, y_q), outputs                                    # L_{T_i}(f_{θ'_i}; D^ts_i)
+    outputs = [functional_call(model, theta, (x_q,)) for theta in path[1:]]
+    return sum(w * loss_fn(out, y_q) for w, out in zip(step_weights, outputs, strict=True)), outputs[-1]
+
+
+def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+               inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+               step_weights: Sequence[float] | Tensor | None = None, strategy: str = "auto",
+               chunk_size: int | None = None, check_finite: bool = True, backward: bool = False) -> MetaStep:
+    p = family.prepare(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, strategy=strategy,
+                       chunk_size=chunk_size, loss_fn=loss_fn)
+    weights = checks.step_weights(step_weights, p.inner_steps, tasks.x_query)
+    p = p._replace(shared_graph=p.shared_graph or family.computed([weights]))
+
+    def one_task(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
+        return task_loss(model, params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=p.rates, first_order=first_order,
+                         step_weights=weights, vmapped=vmapped)
+
+    return family.run(one_task, tasks, p, inner_lr=inner_lr, check_finite=check_finite, backward=backward)
+
+
+def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+              inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+              step_weights: Sequence[float] | Tensor | None = None, strategy: str = "auto",
+              chunk_size: int | None = None, check_finite: bool = True) -> Tensor:
+    """The MAML meta-objective (paper eq. 2): mean over tasks of the query loss after ``inner_steps`` steps.
+
+    An ordinary differentiable scalar, w.r.t. ``params`` and learnable ``inner_lr`` tensors; every
+    task's graph is kept until ``.backward()``. To train with the memory of one task, use
+    :func:`meta_backward` (the same gradient). ``first_order=True`` gives FOMAML.
 
     Args:
-        strategy: ``"loop"`` (per task), ``"vmap"`` (all tasks batched) or ``"auto"``; all give the same
-            value and gradient (tested against float64 finite differences). ``chunk_size`` vmaps that
-            many tasks at a time.
+        strategy: ``"loop"`` (per task), ``"vmap"`` (all tasks batched) or ``"auto"``
+            (:func:`mlcore.inner.resolve_strategy`); all give the same value and gradient (tested against
+            float64 finite differences). ``chunk_size`` (vmap) batches that many tasks at a time.
         step_weights: MAML++ multi-step loss weights (w_1 … w_K), length ``inner_steps``.
         check_finite: raise :class:`~mlcore.inner.InnerLoopDivergedError` (one device sync) instead of
             returning inf/NaN when the inner loop diverges.
-        return_outputs: also return the query outputs after adaptation, (meta_batch, n_query, ...).
-        eager: per-task (per-chunk) backward, see :func:`mlcore.inner.task_mean`. By default, when the
-            tasks run one at a time (``"loop"``) or in several vmap chunks, each task's meta-gradient is
-            taken as soon as its query loss is known and its graph freed: peak memory of one task (or
-            chunk) instead of the whole meta-batch, same gradient, but the loss can be back-propagated
-            once only (``eager=False`` keeps the graph for ``create_graph=True``).
-
-    Returns the scalar loss (and the outputs when asked).
     """
-    if not isinstance(tasks, TaskBatch):
-        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
-    check_params(model, params)
-    eval_steps, weights = [inner_steps], None
-    if step_weights is not None:
-        weights = torch.as_tensor(step_weights, dtype=tasks.x_query.dtype, device=tasks.device)
-        if weights.shape != (inner_steps,):
-            raise ValueError(f"step_weights needs one weight per inner step (inner_steps={inner_steps}), "
-                             f"got shape {tuple(weights.shape)}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError(f"step_weights must be finite and non-negative (MAML++ weights each step's query "
-                             f"loss), got {weights.tolist()}")
-        eval_steps = list(range(1, inner_steps + 1))
-    how = resolve_strategy(strategy, model, tasks.device)
+    return _objective(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                      first_order=first_order, step_weights=step_weights, strategy=strategy,
+                      chunk_size=chunk_size, check_finite=check_finite).loss
 
-    def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, len(eval_steps)), (b, n_query, ...)
-        return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                            first_order=first_order, eval_steps=eval_steps, strategy=how, return_outputs=True)
 
-    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, weights=weights, eager=eager,
-                              inputs=grad_inputs(params, inner_lr, weights, tasks))
-    if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lr, inner_steps=inner_steps, tasks=tasks)
-    return (loss, outputs) if return_outputs else loss
+def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+                  inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
+                  step_weights: Sequence[float] | Tensor | None = None, strategy: str = "auto",
+                  chunk_size: int | None = None, check_finite: bool = True) -> MetaStep:
+    """``meta_loss(...).backward()`` task by task: each task's (chunk's) graph is back-propagated and
+    freed as soon as its loss is known, so gradients accumulate into ``.grad`` with the memory of one
+    task. Returns the detached mean loss and query outputs (a :class:`~mlcore.inner.MetaStep`).
+    Arguments as in :func:`meta_loss`; zero the gradients first (or use :func:`train_step`)."""
+    return _objective(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                      first_order=first_order, step_weights=step_weights, strategy=strategy,
+                      chunk_size=chunk_size, check_finite=check_finite, backward=True)
+
+
+def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+               tasks: TaskBatch, **kwargs: object) -> Step:
+    """One MAML update θ ← θ − β ∇_θ Σ_i L(θ'_i) (paper eq. 2, with ``optimizer`` over ``params``):
+    zero the gradients, :func:`meta_backward` with ``kwargs`` (as for :func:`meta_loss`), step.
+    Returns (loss, accuracy) as floats (accuracy ``None`` for regression)."""
+    return family.train_step(meta_backward, model, params, optimizer, tasks, **kwargs)
 
 
 def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
-            inner_lr: InnerLR, inner_steps: int, strategy: str = "auto",
-            adapt: Collection[str] | None = None) -> Tensor:
+            inner_lr: InnerLR, inner_steps: int, strategy: str = "auto", chunk_size: int | None = None) -> Tensor:
     """Meta-test: adapt to each task's support set, return query outputs (meta_batch, n_query, ...).
 
-    Runs without building a meta-gradient graph (first-order, detached), so it is cheap enough for
-    hundreds of evaluation episodes; use it as the ``predict`` of :func:`mlcore.evaluate.evaluate`.
-    ``adapt`` restricts adaptation to some parameters (ANIL: the head).
+    Builds no meta-gradient graph (first-order, detached), so it is cheap enough for hundreds of
+    evaluation episodes; use it as the ``predict`` of :func:`mlcore.evaluate.evaluate`.
     """
-    detached = {n: p.detach() for n, p in params.items()}
-    _, outputs = query_losses(model, detached, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                              first_order=True, adapt=adapt, strategy=strategy, return_outputs=True)
-    return outputs.detach()
+    return family.predict(_objective, model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr,
+                          inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size)
 
 
 def per_step_learning_rates(params: Mapping[str, Tensor], inner_lr: float, inner_steps: int, *,
@@ -140,9 +168,7 @@ def per_step_learning_rates(params: Mapping[str, Tensor], inner_lr: float, inner
     Give ``[r for step in rates for r in step.values()]`` to the outer optimiser and pass ``rates`` as
     ``inner_lr`` to :func:`meta_loss`.
     """
-    if not isinstance(inner_lr, (int, float)) or inner_lr <= 0:
-        raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
-    if not isinstance(inner_steps, int) or inner_steps <= 0:
-        raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+    checks.positive_number("inner_lr", inner_lr)
+    checks.positive_int("inner_steps", inner_steps)
     return [{n: torch.tensor(float(inner_lr), dtype=p.dtype, device=p.device, requires_grad=requires_grad)
              for n, p in params.items()} for _ in range(inner_steps)]

@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .protonet import embed_episodes, support_one_hot
+from .family import Step
 from .tasks import TaskBatch
 
-__all__ = ["FullContextEmbedding", "log_probs", "predict", "meta_loss", "train_step"]
+__all__ = ["FullContextEmbedding", "log_probs", "predict", "meta_loss", "train_step", "Step"]
 
 
 class FullContextEmbedding(nn.Module):
@@ -167,11 +168,11 @@ def meta_loss(model: nn.Module | Callable[[Tensor], Tensor], tasks: TaskBatch, *
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: TaskBatch, *,
                fce: FullContextEmbedding | None = None, n_way: int | None = None, scale: float = 1.0
-               ) -> tuple[float, float]:
+               ) -> Step:
     """One optimiser step; returns (loss, accuracy) as floats. With FCE, ``optimizer`` must hold the
     parameters of ``fce`` as well as the model's."""
     optimizer.zero_grad(set_to_none=True)
     value, accuracy = meta_loss(model, tasks, fce=fce, n_way=n_way, scale=scale)
     value.backward()
     optimizer.step()
-    return value.item(), accuracy.item()
+    return Step(value.item(), accuracy.item())

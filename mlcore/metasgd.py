@@ -18,26 +18,28 @@ Notation:
 code             paper           meaning, shape
 ===============  ==============  ================================================================
 ``params``       θ               meta-parameters, dict name → tensor
-``inner_lrs``    α               learned inner rates, dict name → tensor shaped like ``params[name]``
+``inner_lr``     α               learned inner rates, dict name → tensor shaped like ``params[name]``
 ``inner_steps``  —               inner steps (the paper uses 1)
 ``tasks``        T_i             a :class:`~mlcore.tasks.TaskBatch` (support D^tr, query D^ts)
 ===============  ==============  ================================================================
 
-Meta-SGD is MAML with a different learning-rate argument: the inner loop is the shared one in
-:mod:`mlcore.inner` (which accepts a dict of rate tensors), nothing is re-implemented here.
+Meta-SGD is MAML with a learned learning-rate argument: each function below checks α and calls its
+namesake in :mod:`mlcore.maml` (whose inner loop accepts a dict of rate tensors); nothing is
+re-implemented. Give ``list(alpha.values())`` to the outer optimiser next to ``params.values()``.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .inner import LossFn, check_params, grad_inputs, query_losses, raise_if_diverged, resolve_strategy, task_mean
+from . import checks, family, maml
+from .family import Step
+from .inner import LossFn, MetaStep
 from .tasks import TaskBatch
 
-__all__ = ["init_inner_lrs", "meta_loss", "predict"]
+__all__ = ["init_inner_lrs", "meta_loss", "meta_backward", "train_step", "predict"]
 
 
 def init_inner_lrs(params: Mapping[str, Tensor], value: float, *, requires_grad: bool = True) -> dict[str, Tensor]:
@@ -47,70 +49,66 @@ def init_inner_lrs(params: Mapping[str, Tensor], value: float, *, requires_grad:
     optimiser next to ``params.values()``. The paper initialises α at random in a small positive range;
     a constant equal to MAML's α makes step 0 of Meta-SGD identical to MAML, which is easier to compare.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"init_inner_lrs: value must be a positive finite number (the starting inner rate), "
-                         f"got {value!r}")
+    checks.positive_number("value (the starting inner rate)", value, "init_inner_lrs")
     if not isinstance(params, Mapping) or not params:
         raise TypeError("init_inner_lrs: params must be a non-empty dict name -> Tensor, "
                         "e.g. dict(model.named_parameters())")
     return {n: torch.full_like(p.detach(), float(value)).requires_grad_(requires_grad) for n, p in params.items()}
 
 
-def _check_inner_lrs(params: Mapping[str, Tensor], inner_lrs: Mapping[str, Tensor]) -> None:
-    if not isinstance(inner_lrs, Mapping):
-        raise TypeError(f"inner_lrs must be a dict name -> Tensor (see init_inner_lrs), got "
-                        f"{type(inner_lrs).__name__}; for one scalar rate use mlcore.maml.meta_loss")
-    missing, unknown = sorted(set(params) - set(inner_lrs)), sorted(set(inner_lrs) - set(params))
+def _check_alpha(params: Mapping[str, Tensor], inner_lr: object) -> Mapping[str, Tensor]:
+    if not isinstance(inner_lr, Mapping):
+        raise TypeError(f"Meta-SGD's inner_lr is the dict name -> Tensor of learned rates (see init_inner_lrs), "
+                        f"got {type(inner_lr).__name__}; for one scalar rate use mlcore.maml")
+    missing, unknown = sorted(set(params) - set(inner_lr)), sorted(set(inner_lr) - set(params))
     if missing or unknown:
-        raise KeyError(f"inner_lrs must hold one rate tensor per parameter; missing {missing[:5]}, "
+        raise KeyError(f"inner_lr must hold one rate tensor per parameter; missing {missing[:5]}, "
                        f"unknown {unknown[:5]}")
     for name, p in params.items():
-        a = inner_lrs[name]
+        a = inner_lr[name]
         if not isinstance(a, Tensor):
-            raise TypeError(f"inner_lrs[{name!r}] must be a Tensor, got {type(a).__name__}")
+            raise TypeError(f"inner_lr[{name!r}] must be a Tensor, got {type(a).__name__}")
         if a.shape != p.shape:
-            raise ValueError(f"inner_lrs[{name!r}] has shape {tuple(a.shape)} but the parameter has "
+            raise ValueError(f"inner_lr[{name!r}] has shape {tuple(a.shape)} but the parameter has "
                              f"{tuple(p.shape)}: Meta-SGD learns one rate per weight (init_inner_lrs builds them)")
         if a.dtype != p.dtype or a.device != p.device:
-            raise TypeError(f"inner_lrs[{name!r}] is {a.dtype} on {a.device} but the parameter is {p.dtype} on "
+            raise TypeError(f"inner_lr[{name!r}] is {a.dtype} on {a.device} but the parameter is {p.dtype} on "
                             f"{p.device}; they must match")
+    return dict(inner_lr)
 
 
-def meta_loss(model: nn.Module, params: Mapping[str, Tensor], inner_lrs: Mapping[str, Tensor], tasks: TaskBatch, *,
-              loss_fn: LossFn, inner_steps: int, first_order: bool = False, strategy: str = "auto",
-              chunk_size: int | None = None, check_finite: bool = True,
-              return_outputs: bool = False, eager: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+              inner_lr: Mapping[str, Tensor], inner_steps: int, first_order: bool = False, strategy: str = "auto",
+              chunk_size: int | None = None, check_finite: bool = True) -> Tensor:
     """The Meta-SGD objective: mean over tasks of L_query(θ'), θ' from ``inner_steps`` steps θ − α ⊙ ∇L.
 
-    Differentiable w.r.t. ``params`` (θ) and ``inner_lrs`` (α). ``strategy``/``chunk_size``/``eager``
-    batch the tasks and bound memory as in :func:`mlcore.maml.meta_loss`; ``check_finite`` raises
-    :class:`~mlcore.inner.InnerLoopDivergedError` instead of returning inf/NaN; ``return_outputs`` also
-    returns the adapted query outputs, (meta_batch, n_query, ...).
+    A differentiable scalar w.r.t. ``params`` (θ) and ``inner_lr`` (α); other arguments as in
+    :func:`mlcore.maml.meta_loss`.
     """
-    if not isinstance(tasks, TaskBatch):
-        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
-    check_params(model, params)
-    _check_inner_lrs(params, inner_lrs)
-    how = resolve_strategy(strategy, model, tasks.device)
-
-    def chunk_losses(chunk: TaskBatch) -> tuple[Tensor, Tensor]:  # (b, 1), (b, n_query, ...)
-        return query_losses(model, params, chunk, loss_fn=loss_fn, inner_lr=dict(inner_lrs), inner_steps=inner_steps,
-                            first_order=first_order, eval_steps=[inner_steps], strategy=how, return_outputs=True)
-
-    loss, outputs = task_mean(chunk_losses, tasks, how=how, chunk_size=chunk_size, eager=eager,
-                              inputs=grad_inputs(params, inner_lrs, tasks))
-    if check_finite:
-        raise_if_diverged(loss.detach(), inner_lr=inner_lrs, inner_steps=inner_steps, tasks=tasks)
-    return (loss, outputs) if return_outputs else loss
+    return maml.meta_loss(model, params, tasks, loss_fn=loss_fn, inner_lr=_check_alpha(params, inner_lr),
+                          inner_steps=inner_steps, first_order=first_order, strategy=strategy,
+                          chunk_size=chunk_size, check_finite=check_finite)
 
 
-def predict(model: nn.Module, params: Mapping[str, Tensor], inner_lrs: Mapping[str, Tensor], tasks: TaskBatch, *,
-            loss_fn: LossFn, inner_steps: int, strategy: str = "auto") -> Tensor:
+def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+                  inner_lr: Mapping[str, Tensor], inner_steps: int, first_order: bool = False,
+                  strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True) -> MetaStep:
+    """:func:`meta_loss` back-propagated task by task into the ``.grad`` of θ and α (the memory of one
+    task); returns the detached loss and query outputs, as :func:`mlcore.maml.meta_backward`."""
+    return maml.meta_backward(model, params, tasks, loss_fn=loss_fn, inner_lr=_check_alpha(params, inner_lr),
+                              inner_steps=inner_steps, first_order=first_order, strategy=strategy,
+                              chunk_size=chunk_size, check_finite=check_finite)
+
+
+def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+               tasks: TaskBatch, **kwargs: object) -> Step:
+    """One outer step on θ and α (``optimizer`` holds both); returns (loss, accuracy) as floats."""
+    return family.train_step(meta_backward, model, params, optimizer, tasks, **kwargs)
+
+
+def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
+            inner_lr: Mapping[str, Tensor], inner_steps: int, strategy: str = "auto",
+            chunk_size: int | None = None) -> Tensor:
     """Meta-test: adapt with the learned α, return query outputs (meta_batch, n_query, ...), detached."""
-    check_params(model, params)
-    _check_inner_lrs(params, inner_lrs)
-    with torch.no_grad():  # torch.func.grad inside the inner loop ignores an outer no_grad
-        _, outputs = query_losses(model, {n: p.detach() for n, p in params.items()}, tasks, loss_fn=loss_fn,
-                                  inner_lr={n: a.detach() for n, a in inner_lrs.items()}, inner_steps=inner_steps,
-                                  first_order=True, strategy=strategy, return_outputs=True)
-    return outputs
+    return maml.predict(model, params, tasks, loss_fn=loss_fn, inner_lr=_check_alpha(params, inner_lr),
+                        inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size)

@@ -29,13 +29,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "Conv4", "BatchStatNorm2d", "NORMS"]
+__all__ = ["BodyHead", "MLP", "Conv4", "BatchStatNorm2d", "NORMS"]
 
 NORMS = ("batch", "group", "none")
 Norm = Literal["batch", "group", "none"]
 
 
-class MLP(nn.Module):
+class BodyHead(nn.Module):
+    """A network that computes ``head(body(x))``: the contract ANIL's feature reuse relies on.
+
+    Subclasses set the modules ``body`` (features) and ``head`` (the last layer, or ``None`` for an
+    embedding network) and keep this ``forward``; :mod:`mlcore.anil` may then compute the body's features
+    once per task instead of once per inner step. ``check_input`` may refuse inputs of the wrong shape.
+    """
+
+    body: nn.Module
+    head: nn.Module | None
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear error for inputs the body cannot take (default: accept everything)."""
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Body only: the features the head is applied to."""
+        self.check_input(x)
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.embed(x)
+        return self.head(z) if self.head is not None else z
+
+
+class MLP(BodyHead):
     """Fully connected ReLU network; the sine regressor of Finn et al. (2017) is ``MLP(1, (40, 40), 1)``.
 
     Shapes: x (N, in_features) → (N, out_features).
@@ -57,9 +81,6 @@ class MLP(nn.Module):
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
 
 
 class BatchStatNorm2d(nn.Module):
@@ -94,7 +115,7 @@ def _norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
     raise ValueError(f"Conv4: norm={norm!r} is not one of {NORMS}")
 
 
-class Conv4(nn.Module):
+class Conv4(BodyHead):
     """The standard 4-block convolutional network of Vinyals et al. (2016), used by MAML, ProtoNets…
 
     Each block: 3×3 conv (``hidden`` channels, padding 1) → norm → ReLU → 2×2 max-pool.
@@ -139,19 +160,9 @@ class Conv4(nn.Module):
         self.embedding_dim = hidden * side * side
         self.head = nn.Linear(self.embedding_dim, n_way) if n_way is not None else None
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \
                 or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(
                 f"Conv4 expects images of shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
                 f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Body only: (N, C, H, W) → (N, embedding_dim)."""
-        self._check_input(x)
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        z = self.body(x)                   # (N, embedding_dim)
-        return self.head(z) if self.head is not None else z

@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .family import Step
 from .tasks import TaskBatch
 
-__all__ = ["embed_episodes", "support_one_hot", "prototypes", "logits", "loss", "predict", "meta_loss", "train_step"]
+__all__ = ["embed_episodes", "support_one_hot", "prototypes", "logits", "loss", "predict", "meta_loss", "train_step", "Step"]
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -201,10 +202,10 @@ def meta_loss(model: nn.Module | Callable[[Tensor], Tensor], tasks: TaskBatch, *
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tasks: TaskBatch, *,
                n_way: int | None = None, distance: Distance = "euclidean", scale: float = 10.0
-               ) -> tuple[float, float]:
+               ) -> Step:
     """One optimiser step on a meta-batch of episodes; returns (loss, accuracy) as Python floats."""
     optimizer.zero_grad(set_to_none=True)
     value, accuracy = meta_loss(model, tasks, n_way=n_way, distance=distance, scale=scale)
     value.backward()
     optimizer.step()
-    return value.item(), accuracy.item()
+    return Step(value.item(), accuracy.item())

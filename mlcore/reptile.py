@@ -49,18 +49,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .inner import (InnerLoopDivergedError, LossFn, _check_params_match_tasks, check_params, inner_loop,
-                    resolve_strategy)
+from . import checks
+from .inner import InnerLoopDivergedError, LossFn, resolve_strategy, trajectory
 from .tasks import TaskBatch
 
 __all__ = ["reptile_step", "predict", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _adam(model: nn.Module, theta: dict[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn, inner_lr: float,
@@ -86,8 +81,9 @@ def _adapt_tasks(model: nn.Module, theta: dict[str, Tensor], tasks: TaskBatch, h
     """θ'_i for every task: dict name -> (meta_batch, *parameter_shape)."""
     def one_task(x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if optimizer == "sgd":
-            return inner_loop(model, theta, x, y, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                              first_order=True)[-1]
+            rates = [dict.fromkeys(theta, inner_lr)] * inner_steps
+            return trajectory(model, theta, x, y, loss_fn=loss_fn, rates=rates, first_order=True,
+                              vmapped=how == "vmap")[-1]
         return _adam(model, theta, x, y, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
                      betas=betas, eps=eps)
 
@@ -114,21 +110,9 @@ def reptile_step(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
 
     Returns a dict with the same names, shapes, dtype and device as ``params``, requires_grad False.
     """
-    check_params(model, params)
-    if not isinstance(tasks, TaskBatch):
-        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
-    _check_positive("inner_lr", inner_lr)
-    _check_positive("outer_lr (Reptile's ε)", outer_lr)
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-        raise ValueError(f"inner_steps must be a positive integer (Reptile moves towards θ' after k >= 1 inner "
-                         f"steps), got {inner_steps!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if optimizer == "adam":
-        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
-        _check_positive("adam_eps", adam_eps)
-    _check_params_match_tasks(params, tasks)
+    _check(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, optimizer=optimizer,
+           adam_betas=adam_betas, adam_eps=adam_eps, min_steps=1)
+    checks.positive_number("outer_lr (Reptile's ε)", outer_lr)
     how = resolve_strategy(strategy, model, tasks.device)
     kwargs = dict(loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps, optimizer=optimizer,
                   betas=tuple(adam_betas), eps=adam_eps)
@@ -148,6 +132,23 @@ def reptile_step(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     return theta
 
 
+def _check(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, inner_lr: float, inner_steps: int,
+           optimizer: str, adam_betas: tuple[float, float], adam_eps: float, min_steps: int) -> None:
+    checks.params(model, params)
+    checks.tasks(tasks, params)
+    checks.positive_number("inner_lr", inner_lr)
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < min_steps:
+        what = ("a positive integer (Reptile moves towards θ' after k >= 1 inner steps)" if min_steps
+                else "a non-negative integer")
+        raise ValueError(f"inner_steps must be {what}, got {inner_steps!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "adam":
+        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+        checks.positive_number("adam_eps", adam_eps)
+
+
 def _finite(tasks: TaskBatch) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in (tasks.x_support, tasks.x_query)
                if t.is_floating_point()) and (not tasks.y_support.is_floating_point() or bool(
@@ -163,15 +164,8 @@ def predict(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *,
     Reptile evaluates with its own inner optimiser: an Adam-trained initialisation tested with SGD at
     Adam's small rate would barely move.
     """
-    check_params(model, params)
-    if not isinstance(tasks, TaskBatch):
-        raise TypeError(f"tasks must be a mlcore.tasks.TaskBatch, got {type(tasks).__name__}")
-    _check_positive("inner_lr", inner_lr)
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    _check_params_match_tasks(params, tasks)
+    _check(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, optimizer=optimizer,
+           adam_betas=adam_betas, adam_eps=adam_eps, min_steps=0)
     how = resolve_strategy(strategy, model, tasks.device)
     theta = {n: p.detach() for n, p in params.items()}
     with torch.no_grad():

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import checks
+
 __all__ = ["TaskBatch", "SineTasks"]
 
 
@@ -177,7 +179,7 @@ class SineTasks:
 
     def sample_parameters(self, meta_batch: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Amplitudes and phases of ``meta_batch`` tasks, each of shape (meta_batch,)."""
-        _check_positive("meta_batch", meta_batch)
+        checks.positive_int("meta_batch", meta_batch)
         u = torch.rand(2, meta_batch, generator=generator, dtype=torch.float64)
         amp = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
         phase = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
@@ -187,8 +189,8 @@ class SineTasks:
                               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                               dtype: torch.dtype = torch.float32) -> TaskBatch:
         """Sample support/query inputs for given task parameters (shape (B,) each)."""
-        _check_positive("k_shot", k_shot)
-        _check_positive("n_query", n_query)
+        checks.positive_int("k_shot", k_shot)
+        checks.positive_int("n_query", n_query)
         if amplitude.shape != phase.shape or amplitude.dim() != 1:
             raise ValueError(f"amplitude and phase must both have shape (meta_batch,), got "
                              f"{tuple(amplitude.shape)} and {tuple(phase.shape)}")
@@ -223,13 +225,3 @@ class SineTasks:
 
     def __repr__(self) -> str:
         return f"SineTasks(amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range})"
-
-
-def _check_positive(name: str, value: int) -> None:
-    # numpy and torch integers are integers too (operator.index accepts them); bools and floats are not.
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if isinstance(value, bool) or number is None or number <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
