@@ -24,16 +24,17 @@ What ``state`` may hold (name → object), and how each is saved and restored:
 object                                      restored by
 ==========================================  ==========================================================
 ``Tensor``                                  copying the values into the SAME tensor (in place)
-dict / list of any of these                 recursively, entry by entry (same keys / length)
 ``torch.Generator``                         ``get_state`` / ``set_state``
 optimiser, scheduler, ``nn.Module``…        ``state_dict`` / ``load_state_dict``
-number, string, bool, None                  replacing the entry in its dict or list: read it back
-                                            through ``state[...]`` after the call
+dict / list of any of these                 entry by entry (same keys / length)
 ==========================================  ==========================================================
 
-Tensors are restored in place because an optimiser holds references to them: a new tensor would be
-invisible to it. The global torch RNG states (CPU, and CUDA when initialised) are saved and restored
-too, so code that draws from them (dropout, ``torch.randn`` without a generator) also resumes exactly.
+Everything is restored in place, because the caller (and an optimiser) hold references to these
+objects: a new object would be invisible to them. So a plain number cannot be state: keep a counter or
+a best-so-far score in a tensor (``torch.tensor(0.0)``, updated in place), and fixed settings (a config)
+in ``metadata``, which the checkpoint stores and a resume compares. The global torch RNG states (CPU,
+and CUDA when initialised) are saved and restored too, so code that draws from them (dropout,
+``torch.randn`` without a generator) also resumes exactly.
 """
 from __future__ import annotations
 
@@ -129,26 +130,25 @@ def _capture(obj: Any, where: str, snapshot: bool = True, deep: bool = False) ->
         return {"__generator__": obj.get_state() if snapshot else None}
     if isinstance(obj, Mapping):
         return {k: _capture(v, f"{where}[{k!r}]", snapshot, deep) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        if isinstance(obj, tuple) and any(v is None or isinstance(v, (bool, int, float, str)) for v in obj):
-            # Checked when saving with the same rule as when loading: a plain value inside a tuple
-            # cannot be restored in place, so such a checkpoint could be written but never resumed.
-            raise TypeError(f"state{where}: a tuple holding plain values (numbers, strings, None) cannot be "
-                            f"restored in place on resume; use a list, or keep the values in a tensor")
+    if isinstance(obj, list):
         return [_capture(v, f"{where}[{i}]", snapshot, deep) for i, v in enumerate(obj)]
     if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
         if not snapshot:
             return {"__state_dict__": None}
         return {"__state_dict__": copy.deepcopy(obj.state_dict()) if deep else obj.state_dict()}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
+    if obj is None or isinstance(obj, (bool, int, float, str, tuple)):
+        kind = type(obj).__name__
+        raise TypeError(f"state{where}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} cannot be checkpointed, because a resume could "
+                        f"not restore it in place (your code holds its own reference). Keep a counter or score "
+                        f"in a tensor updated in place (torch.tensor(0.0)), a sequence in a list, and fixed "
+                        f"settings in metadata=... (stored in the checkpoint and compared on resume)")
     raise TypeError(f"state{where}: cannot checkpoint a {type(obj).__name__}; state may hold tensors, "
                     f"torch.Generators, objects with state_dict()/load_state_dict() (optimisers, modules), "
-                    f"numbers, strings, and dicts/lists of these")
+                    f"and dicts/lists of these")
 
 
-def _restore(live: Any, saved: Any, where: str) -> Any:
-    """Restore ``saved`` into ``live`` in place where possible; return the value to store at ``where``."""
+def _restore(live: Any, saved: Any, where: str) -> None:
+    """Restore ``saved`` into ``live``, in place."""
     def mismatch(what: str) -> CheckpointMismatchError:
         return CheckpointMismatchError(f"state{where}: {what}. Was the checkpoint written by a run with a "
                                        f"different configuration? Use another checkpoint path or resume=False.")
@@ -163,42 +163,28 @@ def _restore(live: Any, saved: Any, where: str) -> Any:
         # in place, under no_grad, so that optimisers keep pointing at the same tensor objects.
         with torch.no_grad():
             live.copy_(saved)
-        return live
-    if isinstance(live, torch.Generator):
+    elif isinstance(live, torch.Generator):
         if not (isinstance(saved, dict) and "__generator__" in saved):
             raise mismatch("the state holds a torch.Generator, the checkpoint does not")
         live.set_state(saved["__generator__"])
-        return live
-    if isinstance(live, Mapping):
+    elif isinstance(live, Mapping):
         if not isinstance(saved, Mapping) or "__generator__" in saved or "__state_dict__" in saved:
             raise mismatch("the state holds a dict, the checkpoint does not")
         missing, unexpected = sorted(set(live) - set(saved), key=str), sorted(set(saved) - set(live), key=str)
         if missing or unexpected:
             raise mismatch(f"keys differ: missing from the checkpoint {missing}, only in the checkpoint {unexpected}")
         for key in live:
-            value = _restore(live[key], saved[key], f"{where}[{key!r}]")
-            if value is not live[key]:
-                live[key] = value
-        return live
-    if isinstance(live, (list, tuple)):
+            _restore(live[key], saved[key], f"{where}[{key!r}]")
+    elif isinstance(live, list):
         if not isinstance(saved, list) or len(saved) != len(live):
-            raise mismatch(f"the state holds a sequence of {len(live)}, the checkpoint "
+            raise mismatch(f"the state holds a list of {len(live)}, the checkpoint "
                            f"{'a list of ' + str(len(saved)) if isinstance(saved, list) else type(saved).__name__}")
-        values = [_restore(v, s, f"{where}[{i}]") for i, (v, s) in enumerate(zip(live, saved, strict=True))]
-        if isinstance(live, list):
-            live[:] = values
-            return live
-        if any(v is not old for v, old in zip(values, live, strict=True)):
-            raise mismatch("a tuple holds a plain value, which cannot be restored in place; use a list")
-        return live
-    if hasattr(live, "load_state_dict"):
+        for i, (v, s) in enumerate(zip(live, saved, strict=True)):
+            _restore(v, s, f"{where}[{i}]")
+    else:  # an object with load_state_dict (_capture accepted nothing else)
         if not (isinstance(saved, dict) and "__state_dict__" in saved):
             raise mismatch(f"the state holds a {type(live).__name__}, the checkpoint does not")
         live.load_state_dict(saved["__state_dict__"])
-        return live
-    if isinstance(saved, (Tensor, dict, list)):
-        raise mismatch(f"the state holds a plain {type(live).__name__}, the checkpoint a {type(saved).__name__}")
-    return saved  # a plain value: the caller stores it back into the dict or list
 
 
 def _rng_states() -> dict[str, Any]:
@@ -249,16 +235,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History) -> None:
-    """Write ``state`` (after ``step`` steps) and ``history`` to ``path`` atomically (:func:`atomic_write`)."""
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], step: int, history: History, *,
+                    metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``state`` (after ``step`` steps), ``history`` and ``metadata`` (fixed settings: numbers,
+    strings, lists and dicts of them) to ``path`` atomically (:func:`atomic_write`)."""
     path = Path(path).expanduser()
     payload = {"format": FORMAT, "step": step, "state": _capture(dict(state), ""),
                "history": history.state_dict(), "rng": _rng_states()}
+    if metadata is not None:
+        payload["metadata"] = dict(metadata)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int, History]:
+def load_checkpoint(path: str | os.PathLike, state: dict[str, Any], *,
+                    metadata: Mapping[str, Any] | None = None) -> tuple[int, History]:
     """Restore ``state`` in place from ``path``; return (number of steps done, history).
+
+    With ``metadata``, a checkpoint saved with other metadata (another configuration) is refused; one
+    saved without any is accepted.
 
     All or nothing: if any entry does not fit (other keys, shapes, an optimiser of another kind), the
     entries restored so far are put back as they were before raising, so a failed resume never leaves
@@ -280,6 +274,12 @@ def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int
         if key not in saved:
             raise CheckpointMismatchError(f"checkpoint {path} has no {key!r} entry; it is damaged. Delete it "
                                           f"to start afresh or pass another path")
+    if metadata is not None and saved.get("metadata") is not None and saved["metadata"] != dict(metadata):
+        theirs, ours = saved["metadata"], dict(metadata)
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "∅") != ours.get(k, "∅"))
+        what = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:5])
+        raise CheckpointMismatchError(f"checkpoint {path} was written with other settings ({what}). Use another "
+                                      f"checkpoint path or resume=False.")
     keys, saved_keys = set(state), set(saved["state"])
     if keys != saved_keys:
         raise CheckpointMismatchError(
@@ -305,7 +305,8 @@ def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> tuple[int
 # ----------------------------------------------------------------------------- the loop
 def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = None,
                checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = True,
-               progress: bool = True, desc: str | None = None, log_every: int = 1) -> History:
+               progress: bool = True, desc: str | None = None, log_every: int = 1,
+               metadata: Mapping[str, Any] | None = None) -> History:
     """Call ``step_fn(step)`` for step = 0 … n_steps−1 (or from a checkpoint's step on); return the History.
 
     Args:
@@ -319,6 +320,8 @@ def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = 
         progress: show a tqdm bar (on stderr) with the latest metrics. In a notebook that nbval checks,
             pass ``False`` (the bar's timings change from run to run).
         log_every: refresh the bar's metrics every this many steps (every step's metrics are recorded).
+        metadata: fixed settings (a config as a dict of plain values) stored in every checkpoint; a
+            resume from a checkpoint stored with other metadata raises :class:`CheckpointMismatchError`.
 
     A run stopped by an exception can be resumed from its last checkpoint; steps after it are redone.
     A resume restores everything in ``state`` as it was saved, including an optimiser's learning rate:
@@ -336,7 +339,7 @@ def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = 
         checkpoint = Path(checkpoint).expanduser()   # "~/runs/x.pt" means the home folder, not ./~
     start, history = 0, History()
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        start, history = load_checkpoint(checkpoint, state)
+        start, history = load_checkpoint(checkpoint, state, metadata=metadata)
         if start > n_steps:
             raise ValueError(f"checkpoint {checkpoint} is already at step {start}, past n_steps={n_steps}; "
                              f"pass n_steps >= {start} (or resume=False to start over)")
@@ -352,7 +355,7 @@ def meta_train(step_fn: StepFn, *, n_steps: int, state: dict[str, Any] | None = 
             if progress and (step + 1 - start) % log_every == 0:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == n_steps):
-                save_checkpoint(checkpoint, state, step + 1, history)
+                save_checkpoint(checkpoint, state, step + 1, history, metadata=metadata)
     finally:
         bar.close()
     return history

@@ -25,7 +25,7 @@ def make_run(init_seed: int = 0, crash_at: int | None = None):
     opt = torch.optim.Adam(params.values(), lr=1e-2)
     g = torch.Generator().manual_seed(123 + init_seed)
     sampler = SineTasks()
-    counters = {"tasks_seen": 0}
+    tasks_seen = torch.tensor(0)                   # a counter: a tensor, restored in place
 
     def step_fn(step: int) -> dict[str, float]:
         if step == crash_at:
@@ -35,14 +35,14 @@ def make_run(init_seed: int = 0, crash_at: int | None = None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        counters["tasks_seen"] += 4
+        tasks_seen.add_(4)
         noise = torch.randn(()).item()  # the global RNG: restored by resume as well
         metrics = {"loss": loss.item(), "noise": noise}
         if step % 3 == 0:
             metrics["every3"] = float(step)  # a metric not returned at every step
         return metrics
 
-    state = {"params": params, "opt": opt, "generator": g, "counters": counters}
+    state = {"params": params, "opt": opt, "generator": g, "counters": {"tasks_seen": tasks_seen}}
     return step_fn, state, params
 
 
@@ -121,7 +121,7 @@ def test_mismatched_checkpoint_raises(tmp_path):
         meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
 
     _, state, _ = make_run()
-    state["generator"] = {"not": "a generator"}
+    state["generator"] = {"not": torch.zeros(1)}   # a dict where the checkpoint holds a generator
     with pytest.raises(CheckpointMismatchError, match="generator"):
         meta_train(step_fn, n_steps=2, state=state, checkpoint=ckpt, progress=False)
 
@@ -213,10 +213,28 @@ def test_an_unreadable_checkpoint_is_named_with_the_way_out(tmp_path, content):
         load_checkpoint(path, {"w": torch.zeros(1000)})
 
 
-def test_a_tuple_of_plain_values_is_refused_before_training(tmp_path):
-    with pytest.raises(TypeError, match="tuple holding plain values"):
-        meta_train(lambda step: {}, n_steps=1, state={"counts": (1, 10**20)}, checkpoint=tmp_path / "x.pt")
+@pytest.mark.parametrize("value", [(1, 10**20), 3, 0.5, "name", None, [torch.zeros(1), 2]])
+def test_plain_values_and_tuples_are_refused_before_training(tmp_path, value):
+    """A resume restores in place; a number (or a tuple) cannot be, so it is refused before step 0."""
+    with pytest.raises(TypeError, match=r"cannot be checkpointed.*tensor updated in place.*metadata="):
+        meta_train(lambda step: {}, n_steps=1, state={"counts": value}, checkpoint=tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_metadata_is_stored_and_a_resume_with_other_metadata_is_refused(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    w = torch.zeros(2)
+
+    def step_fn(step):
+        w.add_(1.0)
+        return {}
+    meta_train(step_fn, n_steps=2, state={"w": w}, checkpoint=ckpt, progress=False, metadata={"lr": 0.1, "k": 1})
+    assert torch.load(ckpt, weights_only=True)["metadata"] == {"lr": 0.1, "k": 1}
+    with pytest.raises(CheckpointMismatchError, match=r"other settings \(lr: 0.1 there, 0.2 here\)"):
+        meta_train(step_fn, n_steps=4, state={"w": w}, checkpoint=ckpt, progress=False, metadata={"lr": 0.2, "k": 1})
+    assert torch.equal(w, torch.full((2,), 2.0))                      # nothing restored, nothing trained
+    meta_train(step_fn, n_steps=4, state={"w": w}, checkpoint=ckpt, progress=False, metadata={"lr": 0.1, "k": 1})
+    assert torch.equal(w, torch.full((2,), 4.0))                      # the same settings resume
 
 
 def test_checkpoint_path_expands_the_home_folder(tmp_path, monkeypatch):
