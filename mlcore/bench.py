@@ -1,32 +1,30 @@
 """Side-by-side benchmark of one meta-gradient step: ``python -m mlcore.bench maml|sine [options]``.
 
-One run times, on the same inputs and the same initial weights, one meta-gradient step (forward and
-backward, no optimiser step) of several implementations, and checks every meta-gradient against an
-independent per-task autograd loop:
+One run times one MAML meta-gradient step (forward and backward, no optimiser step; Finn et al. 2017, eq. 2)
 
-==============================  ==========================================================================
-row                             what it is
-==============================  ==========================================================================
-floor                           plain supervised forward + backward of the same network over the same
-                                images (meta_batch × (support + query)) in ONE batch: no meta-learning
-per-task autograd loop          how learn2learn/higher-style code does it: per task, ``autograd.grad``
-                                (``create_graph``) on the module's parameters, manual SGD, functional
-                                forward on the query, ``backward`` accumulates. The gradient reference.
-higher                          ``higher.innerloop_ctx`` per task (only if ``higher`` is importable)
-mlcore <strategy>               :func:`mlcore.maml.meta_loss` with ``strategy`` loop / vmap / vmap chunked /
-                                auto (the row says what ``auto`` resolved to). "eager" rows differentiate
-                                task by task (chunk by chunk) inside ``meta_loss`` and free each graph
-                                (the default for loop and chunked vmap); "loop, whole graph" is
-                                ``eager=False``: every task's graph is kept until the one ``backward``
-torch.func.vmap recipe          the functorch MAML recipe (``vmap`` over ``grad`` + ``functional_call``);
-                                for ``Conv4(norm="batch")`` it runs the network with ``nn.BatchNorm2d``
-                                (``track_running_stats=False``), the naive fast version — whose
-                                second-order meta-gradient is wrong (chapter 3 shows why)
-==============================  ==========================================================================
+    ∇_θ (1/B) Σ_i L(θ'_i; D^ts_i),        θ'_i = θ − α ∇_θ L(θ; D^tr_i)        (K inner steps in general)
 
-Every row is measured for second-order MAML and for first-order (FOMAML) unless ``--no-first-order``.
-The inputs are random tensors (timing only: nothing learns). This is a script (STYLE principle 11),
-not a timed test; ``tests/test_bench.py`` runs it at toy size to check its rows and gradient checks.
+of several implementations on the same random inputs and initial weights, at second and first order, and
+checks each meta-gradient against a per-task autograd loop, itself checked against finite differences:
+
+=================================  =====================================================================
+floor                              plain supervised forward + backward of the same network over the same
+                                   examples (meta_batch × (support + query)) in ONE batch
+per-task autograd loop             what a common implementation does: per task, ``autograd.grad``
+                                   (``create_graph``) and manual SGD on the module's parameters, a
+                                   functional forward on the query, ``backward``. The reference.
+higher 0.2.1 innerloop_ctx         ``higher.innerloop_ctx`` per task (optional; its row says if missing)
+mlcore <s>, meta_backward          :func:`mlcore.maml.meta_backward`, strategy ``s``: one backward per task
+                                   (``vmap chunk=N``: per N tasks), each graph freed before the next
+mlcore <s>, whole graph            ``meta_loss(...).backward()``: every task's graph kept until then
+mlcore auto (-> s), meta_backward  the default, what ``maml.train_step`` runs (``s``: what auto chose)
+torch.func.vmap recipe             the functorch MAML recipe (``vmap`` over ``grad``), written here; for
+                                   ``Conv4(norm="batch")`` through ``nn.BatchNorm2d``, the naive fast
+                                   version, whose second-order meta-gradient is wrong (see chapter 3)
+=================================  =====================================================================
+
+The inputs are random (timing only: nothing learns). A script (STYLE principle 11), not a timed test;
+``tests/test_bench.py`` runs it at toy size to check its rows and its gradient checks.
 """
 from __future__ import annotations
 
@@ -37,9 +35,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,15 +45,72 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .complexity import PeakMemory, synchronize
 from .inner import LossFn, resolve_strategy
-from .maml import meta_loss
+from .maml import meta_backward, meta_loss
 from .models import MLP, NORMS, BatchStatNorm2d, Conv4
 from .tasks import SineTasks, TaskBatch
+from .timing import measure
 
-__all__ = ["main", "Problem", "Row"]
+__all__ = ["BenchConfig", "Method", "Problem", "Row", "finite_difference_check", "main", "methods", "relative_error",
+           "run"]
 
 EXACT_F64 = 1e-8  # float64 relative error below which a meta-gradient counts as exact
+DEFAULTS = {  # Finn et al. 2017's 5-way 1-shot Omniglot and sine-regression settings
+    "maml": {"meta_batch": 32, "k_shot": 1, "n_query": 15, "hidden": 64, "inner_lr": 0.4},
+    "sine": {"meta_batch": 25, "k_shot": 10, "n_query": 10, "hidden": 40, "inner_lr": 0.01}}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure; ``python -m mlcore.bench`` builds it from its options (``--meta-batch`` → meta_batch)."""
+
+    benchmark: str             # "maml": Conv4 on Omniglot-size random images; "sine": the MLP of Finn et al.
+    meta_batch: int
+    k_shot: int                # support examples per class (maml) or points per task (sine)
+    n_query: int               # query examples per class (maml) or points per task (sine)
+    hidden: int                # channels of every conv layer (maml) or width of every hidden layer (sine)
+    inner_lr: float
+    inner_steps: int = 1
+    n_way: int = 5             # maml only
+    image_size: int = 28       # maml only
+    norm: str = "batch"        # maml only
+    layers: int = 2            # sine only: hidden layers
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int | None = None     # torch threads during the run (None: torch's choice)
+    repeats: int | None = None     # timed steps per row (None: maml on a CPU 3, otherwise 20)
+    warmup: int | None = None      # untimed rounds before them (None: maml on a CPU 0, otherwise 3)
+    strategies: tuple[str, ...] = ("loop", "vmap", "auto")
+    chunk_size: int | None = None  # adds a "vmap chunk=N, meta_backward" row
+    no_first_order: bool = False
+    json: str | None = None        # also write the report there
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("benchmark", tuple(DEFAULTS)), ("device", ("auto", "cpu", "cuda")),
+                              ("dtype", ("float32", "float64")), ("norm", NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        bad = sorted(set(self.strategies) - {"loop", "vmap", "auto"})
+        if bad or not self.strategies:
+            raise ValueError(f"--strategies takes a comma-separated subset of loop,vmap,auto; got {bad or 'nothing'}")
+        if self.chunk_size and "vmap" not in self.strategies:
+            raise ValueError("--chunk-size adds a chunked vmap row; it needs 'vmap' in --strategies")
+        if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
+            raise ValueError(f"--inner-lr must be a positive number, got {self.inner_lr}")
+        if self.benchmark == "maml" and self.image_size < 16:
+            raise ValueError(f"--image-size {self.image_size} is too small for Conv4's four 2x2 poolings (need >= 16)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch.cuda.is_available() is False on this machine")
+        target = Path(self.json) if self.json else None  # checked before minutes of work, not after
+        if target and (target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK)):
+            raise ValueError(f"--json {self.json}: cannot write there (a folder, or a missing or read-only parent "
+                             f"folder); give a writable file path")
+
+    def tiny(self) -> BenchConfig:
+        """The instance of the float64 exactness checks: at most 3 tasks and 8 channels or units
+        (maml: 16x16 images, at most 2 queries per class)."""
+        smaller = {"image_size": 16, "n_query": min(self.n_query, 2)} if self.benchmark == "maml" else {}
+        return replace(self, meta_batch=min(self.meta_batch, 3), hidden=min(self.hidden, 8), **smaller)
 
 
 @dataclass(frozen=True)
@@ -71,51 +124,64 @@ class Problem:
     inner_steps: int
 
 
-@dataclass
-class Row:
-    method: str
-    order: str                       # "2nd", "1st" or "-" (the floor)
-    median_ms: float | None = None
-    min_ms: float | None = None
-    max_ms: float | None = None
-    peak_mb: float | None = None
-    x_floor: float | None = None
-    speedup_vs_loop: float | None = None
-    grad_err: float | None = None     # at the benchmarked size and dtype, vs the per-task loop
-    grad_err_f64: float | None = None  # float64 tiny instance, vs the per-task loop
-    verdict: str = ""
-    note: str = ""
+def make_problem(c: BenchConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Problem:
+    """The network and random tasks of ``c``; ``seed`` draws both (the weights from torch's global generator,
+    which ``nn.Module`` initialisers use, the data from its own)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if c.benchmark == "sine":
+        model = MLP(1, (c.hidden,) * c.layers, 1).to(device=device, dtype=dtype)
+        tasks = SineTasks().sample(c.meta_batch, c.k_shot, c.n_query, generator=g, device=device, dtype=dtype)
+        return Problem(model, tasks, F.mse_loss, c.inner_lr, c.inner_steps)
+    model = Conv4(1, c.n_way, hidden=c.hidden, norm=c.norm, image_size=c.image_size).to(device=device, dtype=dtype)
+
+    def images(per_class: int) -> tuple[Tensor, Tensor]:
+        x = torch.rand(c.meta_batch, c.n_way * per_class, 1, c.image_size, c.image_size, generator=g)  # (B, N·k, 1, H, W)
+        y = torch.arange(c.n_way).repeat_interleave(per_class).expand(c.meta_batch, -1)                 # (B, N·k)
+        return x.to(device=device, dtype=dtype), y.to(device).contiguous()
+
+    return Problem(model, TaskBatch(*images(c.k_shot), *images(c.n_query)), F.cross_entropy, c.inner_lr,
+                   c.inner_steps)
 
 
 # ----------------------------------------------------------------------------- the implementations
-# Each builder returns a zero-argument step that accumulates the meta-gradient (mean over tasks of
-# the query loss) into ``.grad`` of the model's parameters.
+# A builder takes (problem, first_order) and returns a zero-argument step that accumulates the
+# meta-gradient (of the mean over tasks of the query loss) into .grad of the problem's model.
+Step = Callable[[], object]
+Build = Callable[[Problem, bool], Step]
 
-def floor_step(p: Problem, first_order: bool) -> Callable[[], None]:
-    t = p.tasks
-    x = torch.cat([t.x_support, t.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
-    y = torch.cat([t.y_support, t.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
+
+def reference_meta_loss(p: Problem, first_order: bool, backward: bool) -> Tensor:
+    """The reference, written without mlcore.inner: per task, ``inner_steps`` of manual SGD with
+    ``autograd.grad`` (``create_graph`` for second order), then the query loss ℓ_i; with ``backward``,
+    ``(ℓ_i / B).backward()`` task by task. Returns (1/B) Σ_i ℓ_i, detached."""
+    names, weights = zip(*p.model.named_parameters())
+    t, total = p.tasks, torch.zeros((), device=p.tasks.x_query.device, dtype=p.tasks.x_query.dtype)
+    for i in range(t.meta_batch):
+        fast = list(weights)
+        for _ in range(p.inner_steps):
+            loss = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_support[i],)), t.y_support[i])
+            grads = torch.autograd.grad(loss, fast, create_graph=backward and not first_order)
+            fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]   # θ_{k+1} = θ_k − α ∇L
+        query = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_query[i],)), t.y_query[i]) / t.meta_batch
+        if backward:
+            query.backward()   # frees this task's graph before the next task
+        total = total + query.detach()
+    return total
+
+
+def floor_step(p: Problem, first_order: bool) -> Step:
+    x = torch.cat([p.tasks.x_support, p.tasks.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
+    y = torch.cat([p.tasks.y_support, p.tasks.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
     return lambda: p.loss_fn(p.model(x), y).backward()
 
 
-def per_task_loop_step(p: Problem, first_order: bool) -> Callable[[], None]:
-    names, weights = zip(*p.model.named_parameters())
-    t = p.tasks
-
-    def step() -> None:
-        for i in range(t.meta_batch):
-            fast = list(weights)
-            for _ in range(p.inner_steps):
-                loss = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_support[i],)), t.y_support[i])
-                grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-                fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]
-            query = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_query[i],)), t.y_query[i])
-            (query / t.meta_batch).backward()   # frees this task's graph before the next task
-    return step
+def reference_step(p: Problem, first_order: bool) -> Step:
+    return lambda: reference_meta_loss(p, first_order, backward=True)
 
 
-def higher_step(p: Problem, first_order: bool) -> Callable[[], None]:
-    import higher  # optional; the caller checks that it imports
+def higher_step(p: Problem, first_order: bool) -> Step:
+    import higher  # optional: Method(optional=True) turns an ImportError into a row that says so
     t = p.tasks
     inner_opt = torch.optim.SGD(p.model.parameters(), lr=p.inner_lr)
     # higher always differentiates through its steps; FOMAML is its documented grad_callback that detaches.
@@ -131,20 +197,21 @@ def higher_step(p: Problem, first_order: bool) -> Callable[[], None]:
     return step
 
 
-def mlcore_step(strategy: str, chunk_size: int | None, eager: bool | None = None
-                ) -> Callable[[Problem, bool], Callable[[], None]]:
-    def build(p: Problem, first_order: bool) -> Callable[[], None]:
+def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = None) -> Build:
+    """``meta_loss(...).backward()`` (``whole_graph``) or ``meta_backward(...)``, with ``strategy``."""
+    def build(p: Problem, first_order: bool) -> Step:
         params = dict(p.model.named_parameters())
-        return lambda: meta_loss(p.model, params, p.tasks, loss_fn=p.loss_fn, inner_lr=p.inner_lr,
-                                 inner_steps=p.inner_steps, first_order=first_order, strategy=strategy,
-                                 chunk_size=chunk_size, eager=eager).backward()
+        kwargs = {"loss_fn": p.loss_fn, "inner_lr": p.inner_lr, "inner_steps": p.inner_steps,
+                  "first_order": first_order, "strategy": strategy, "chunk_size": chunk_size}
+        if whole_graph:
+            return lambda: meta_loss(p.model, params, p.tasks, **kwargs).backward()
+        return lambda: meta_backward(p.model, params, p.tasks, **kwargs)
     return build
 
 
-def functorch_recipe_step(p: Problem, first_order: bool) -> Callable[[], None]:
+def functorch_recipe_step(p: Problem, first_order: bool) -> Step:
     """The functorch MAML example's pattern, written independently of mlcore.inner."""
-    params = dict(p.model.named_parameters())
-    t = p.tasks
+    params, t = dict(p.model.named_parameters()), p.tasks
 
     def task_query_loss(theta: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         for _ in range(p.inner_steps):
@@ -174,16 +241,57 @@ def with_torch_batchnorm(model: nn.Module) -> nn.Module:
     return clone
 
 
-# ----------------------------------------------------------------------------- measuring
-def meta_gradient(build: Callable[[Problem, bool], Callable[[], None]], p: Problem,
-                  first_order: bool) -> dict[str, Tensor]:
-    """Run one step from zeroed gradients; return {name: gradient} (zeros where none arrived)."""
-    step = build(p, first_order)
-    for w in p.model.parameters():
-        w.grad = None
-    step()
+@dataclass(frozen=True)
+class Method:
+    """One implementation, a row of the table per order."""
+
+    name: str
+    build: Build
+    optional: bool = False         # needs a package mlcore does not depend on: if it fails, its row says why
+    torch_batchnorm: bool = False  # runs on the with_torch_batchnorm copy of the model
+    note: str = ""
+
+
+def methods(c: BenchConfig, model: nn.Module, device: torch.device) -> list[Method]:
+    """The rows of one order, in table order; the first (the per-task loop) is the reference."""
+    rows = [Method("per-task autograd loop", reference_step),
+            Method("higher 0.2.1 innerloop_ctx", higher_step, optional=True, note="pip install higher==0.2.1")]
+    for s in c.strategies:
+        if s == "loop":
+            rows += [Method("mlcore loop, meta_backward", mlcore_step("loop", whole_graph=False),
+                            note="one task's graph at a time"),
+                     Method("mlcore loop, whole graph", mlcore_step("loop", whole_graph=True),
+                            note="meta_loss(...).backward()")]
+        elif s == "vmap":
+            rows.append(Method("mlcore vmap, whole graph", mlcore_step("vmap", whole_graph=True),
+                               note="one vmap over all tasks"))
+            if c.chunk_size:
+                rows.append(Method(f"mlcore vmap chunk={c.chunk_size}, meta_backward",
+                                   mlcore_step("vmap", whole_graph=False, chunk_size=c.chunk_size)))
+        else:
+            rows.append(Method(f"mlcore auto (-> {resolve_strategy('auto', model, device)}), meta_backward",
+                               mlcore_step("auto", whole_graph=False), note="what train_step runs"))
+    torch_bn = c.benchmark == "maml" and c.norm == "batch"
+    rows.append(Method("torch.func.vmap recipe" + (", nn.BatchNorm2d" if torch_bn else ""), functorch_recipe_step,
+                       torch_batchnorm=torch_bn, note="naive fast version" if torch_bn else "independent vmap implementation"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- checking
+def fresh(model: nn.Module, step: Step) -> Step:
+    """``step`` from gradients set to None, as after ``optimizer.zero_grad()``."""
+    def run() -> None:
+        for w in model.parameters():
+            w.grad = None
+        step()
+    return run
+
+
+def meta_gradient(step: Step, model: nn.Module) -> dict[str, Tensor]:
+    """Run ``fresh(model, step)``; return {name: gradient} (zeros where none arrived)."""
+    fresh(model, step)()
     return {n: (w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w))
-            for n, w in p.model.named_parameters()}
+            for n, w in model.named_parameters()}
 
 
 def relative_error(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
@@ -195,6 +303,29 @@ def relative_error(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> fl
     """
     floor = 1e-3 * float(torch.sqrt(sum((r.double() ** 2).sum() for r in reference.values())))
     return max(float((grads[n] - r).norm()) / max(float(r.norm()), floor, 1e-300) for n, r in reference.items())
+
+
+def finite_difference_check(p: Problem, reference: dict[str, Tensor], directions: int = 3) -> float:
+    """max relative error of ⟨reference, v⟩ against the central difference (f(θ + εv) − f(θ − εv)) / 2ε
+    of the second-order meta-loss f, over random directions v (use float64)."""
+    names, weights = zip(*p.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    worst, eps = 0.0, 1e-7  # small: ReLU and max-pool kinks lie within 1e-5 of these random weights
+    for _ in range(directions):
+        v = [torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device) for w in weights]
+        analytic = sum(float((reference[n] * d).sum()) for n, d in zip(names, v, strict=True))
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():  # perturb the weights in place for the finite difference, then undo
+                for w, d in zip(weights, v, strict=True):
+                    w.add_(sign * eps * d)
+            values.append(reference_meta_loss(p, first_order=False, backward=False).item())
+            with torch.no_grad():
+                for w, d in zip(weights, v, strict=True):
+                    w.sub_(sign * eps * d)
+        numeric = (values[0] - values[1]) / (2 * eps)
+        worst = max(worst, abs(analytic - numeric) / max(abs(numeric), 1e-12))
+    return worst
 
 
 @contextlib.contextmanager
@@ -211,231 +342,106 @@ def exact_matmuls(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def time_interleaved(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int
-                     ) -> list[list[float]]:
-    """Milliseconds per call of each step, timed in rounds (one call of every step per round).
-
-    Interleaving makes a slow period of a shared machine hit every row alike, instead of whichever
-    row happened to be running; ``warmup`` untimed rounds come first.
-    """
-    times: list[list[float]] = [[] for _ in steps]
-    for round_ in range(warmup + repeats):
-        for i, step in enumerate(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            if round_ >= warmup:
-                times[i].append(1e3 * (time.perf_counter() - start))
-        if round_ >= warmup:
-            _log(f"timing round {round_ - warmup + 1}/{repeats} done")
-    return times
-
-
-def finite_difference_check(p: Problem, reference: dict[str, Tensor], directions: int = 3) -> float:
-    """max relative error of the per-task loop's directional derivatives vs central differences."""
-    names, weights = zip(*p.model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-
-    def meta_value() -> float:
-        total = 0.0
-        for i in range(p.tasks.meta_batch):
-            fast = list(weights)
-            for _ in range(p.inner_steps):
-                loss = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (p.tasks.x_support[i],)),
-                                 p.tasks.y_support[i])
-                fast = [w - p.inner_lr * d for w, d in zip(fast, torch.autograd.grad(loss, fast), strict=True)]
-            total += p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (p.tasks.x_query[i],)),
-                               p.tasks.y_query[i]).item()
-        return total / p.tasks.meta_batch
-
-    worst, eps = 0.0, 1e-7  # small: ReLU and max-pool kinks lie within 1e-5 of these random weights
-    for _ in range(directions):
-        v = [torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device) for w in weights]
-        analytic = sum(float((reference[n] * d).sum()) for n, d in zip(names, v, strict=True))
-        values = []
-        for sign in (1, -1):
-            with torch.no_grad():  # perturb the weights in place for the finite difference, then undo
-                for w, d in zip(weights, v, strict=True):
-                    w.add_(sign * eps * d)
-            values.append(meta_value())
-            with torch.no_grad():
-                for w, d in zip(weights, v, strict=True):
-                    w.sub_(sign * eps * d)
-        numeric = (values[0] - values[1]) / (2 * eps)
-        worst = max(worst, abs(analytic - numeric) / max(abs(numeric), 1e-12))
-    return worst
-
-
-# ----------------------------------------------------------------------------- problems
-def conv_problem(a: argparse.Namespace, *, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> Problem:
-    meta_batch, hidden, size = (min(a.meta_batch, 3), min(a.hidden, 8), 16) if tiny else \
-        (a.meta_batch, a.hidden, a.image_size)
-    n_query = min(a.n_query, 2) if tiny else a.n_query
-    g = torch.Generator().manual_seed(1 if tiny else 0)
-    torch.manual_seed(1 if tiny else 0)  # the network's initial weights (nn.Module init draws from it)
-    model = Conv4(1, a.n_way, hidden=hidden, norm=a.norm, image_size=size).to(device=device, dtype=dtype)
-
-    def images(per_class: int) -> tuple[Tensor, Tensor]:
-        x = torch.rand(meta_batch, a.n_way * per_class, 1, size, size, generator=g)   # (B, N·k, 1, H, W)
-        y = torch.arange(a.n_way).repeat_interleave(per_class).expand(meta_batch, -1)  # (B, N·k)
-        return x.to(device=device, dtype=dtype), y.to(device).contiguous()
-
-    tasks = TaskBatch(*images(a.k_shot), *images(n_query))
-    return Problem(model, tasks, F.cross_entropy, a.inner_lr, a.inner_steps)
-
-
-def sine_problem(a: argparse.Namespace, *, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> Problem:
-    meta_batch, hidden = (min(a.meta_batch, 3), min(a.hidden, 8)) if tiny else (a.meta_batch, a.hidden)
-    g = torch.Generator().manual_seed(1 if tiny else 0)
-    torch.manual_seed(1 if tiny else 0)
-    model = MLP(1, (hidden,) * a.layers, 1).to(device=device, dtype=dtype)
-    tasks = SineTasks().sample(meta_batch, a.k_shot, a.n_query, generator=g, device=device, dtype=dtype)
-    return Problem(model, tasks, F.mse_loss, a.inner_lr, a.inner_steps)
-
-
-# ----------------------------------------------------------------------------- the run
-def _methods(kind: str, a: argparse.Namespace, problem: Problem, device: torch.device
-             ) -> list[tuple[str, Callable[[Problem, bool], Callable[[], None]] | None, bool, str]]:
-    """(label, builder or None if unavailable, uses the nn.BatchNorm2d copy, note) in table order."""
-    try:
-        import higher  # noqa: F401
-        has_higher, higher_note = True, ""
-    except ImportError:
-        has_higher, higher_note = False, "not installed (pip install higher==0.2.1)"
-    rows: list[tuple[str, Callable | None, bool, str]] = [
-        ("per-task autograd loop", per_task_loop_step, False, ""),
-        ("higher 0.2.1 innerloop_ctx", higher_step if has_higher else None, False, higher_note)]
-    several = problem.tasks.meta_batch > 1   # eager=None is per-task backward when there is more than one chunk
-    for s in a.strategies:
-        if s == "auto":
-            how = resolve_strategy("auto", problem.model, device)
-            rows.append((f"mlcore auto (-> {how}{', eager' if how == 'loop' and several else ''})",
-                         mlcore_step("auto", None), False, ""))
-        elif s == "loop":
-            rows.append(("mlcore loop" + (", eager" if several else ""), mlcore_step("loop", None), False,
-                         "per-task backward inside meta_loss" if several else ""))
-            rows.append(("mlcore loop, whole graph", mlcore_step("loop", None, eager=False), False, "eager=False"))
-        else:
-            rows.append((f"mlcore {s}", mlcore_step(s, None), False, ""))
-        if s == "vmap" and a.chunk_size:
-            chunks = -(-problem.tasks.meta_batch // a.chunk_size)
-            rows.append((f"mlcore vmap chunk={a.chunk_size}" + (", eager" if chunks > 1 else ""),
-                         mlcore_step("vmap", a.chunk_size), False, ""))
-    torch_bn = kind == "maml" and a.norm == "batch"
-    rows.append(("torch.func.vmap recipe" + (", nn.BatchNorm2d" if torch_bn else ""), functorch_recipe_step,
-                 torch_bn, "naive fast version" if torch_bn else "independent vmap implementation"))
-    return rows
-
-
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """For the tiny float64 checks: at that size threads only add hand-offs (which, on a busy machine,
-    cost more than the arithmetic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def num_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside, restored after (``None``: unchanged)."""
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
-def _fresh(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        for w in model.parameters():
-            w.grad = None
-        step()
-    return run
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Row:
+    method: str
+    order: str                         # "2nd", "1st" or "-" (the floor)
+    median_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    peak_mb: float | None = None
+    x_floor: float | None = None
+    speedup_vs_loop: float | None = None
+    grad_err: float | None = None      # at the benchmarked size and dtype, vs the per-task loop
+    grad_err_f64: float | None = None  # float64 tiny instance, vs the per-task loop
+    verdict: str = ""                  # "reference", "exact", "WRONG"; "" for a row that did not run
+    note: str = ""
 
 
-def _log(message: str) -> None:
-    print(f"[mlcore.bench] {message}", file=sys.stderr, flush=True)
+def run(c: BenchConfig) -> dict:
+    """Check every row's meta-gradient, then time all rows interleaved; print and return the report."""
+    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if c.device == "auto" else c.device)
+    slow = c.benchmark == "maml" and device.type == "cpu"   # seconds per second-order step
+    repeats, warmup = c.repeats or (3 if slow else 20), c.warmup if c.warmup is not None else (0 if slow else 3)
+    with num_threads(c.threads):
+        problem = make_problem(c, device, getattr(torch, c.dtype), seed=0)
+        tiny = make_problem(c.tiny(), device, torch.float64, seed=1)
+        header = describe(c, problem, device, repeats, warmup)
+        for line in header["lines"]:
+            _log(line)
+        bn = (replace(problem, model=with_torch_batchnorm(problem.model)),
+              replace(tiny, model=with_torch_batchnorm(tiny.model)))
 
+        # Phase 1, row by row: the gradient checks (float64 tiny, then this size); the second is also
+        # the row's first, untimed, step. The floor has no gradient to check: one untimed call stands in.
+        steps = [fresh(problem.model, floor_step(problem, False))]
+        steps[0]()
+        rows = [Row("floor: plain fwd+bwd, one batch", "-", verdict="-",
+                    note=f"{_n_examples(problem.tasks)} examples in one batch")]
+        references = {}  # order -> (gradient at this size, float64 tiny gradient) of the per-task loop
+        for first_order in [False] if c.no_first_order else [False, True]:
+            order = "1st" if first_order else "2nd"
+            for m in methods(c, problem.model, device):
+                p, pt = bn if m.torch_batchnorm else (problem, tiny)
+                _log(f"{order}-order {m.name}: gradient checks")
+                try:
+                    with num_threads(1):  # at the toy size more threads only add hand-offs
+                        g64 = meta_gradient(m.build(pt, first_order), pt.model)
+                    step = m.build(p, first_order)
+                    with exact_matmuls(device):
+                        g = meta_gradient(step, p.model)
+                except Exception as error:
+                    if not m.optional:
+                        raise
+                    why = f"not installed: {m.note}" if isinstance(error, ImportError) else \
+                        f"failed: {type(error).__name__}: {error}"[:120]
+                    rows.append(Row(m.name, order, note=why))  # no verdict: not timed
+                    continue
+                ref, ref64 = references.setdefault(order, (g, g64))  # the first row, the per-task loop
+                err64 = relative_error(g64, ref64)
+                verdict = "reference" if g is ref else "exact" if err64 < EXACT_F64 else "WRONG"
+                rows.append(Row(m.name, order, grad_err=relative_error(g, ref), grad_err_f64=err64, verdict=verdict,
+                                note=m.note))
+                steps.append(fresh(p.model, step))
+        with num_threads(1):
+            header["finite_difference_check"] = fd = finite_difference_check(tiny, references["2nd"][1])
+        header["lines"].append(f"reference check: the per-task loop's 2nd-order meta-gradient vs central "
+                               f"differences (float64, tiny, 3 random directions, eps 1e-7): {fd:.1e}")
+        _log(header["lines"][-1])
 
-def run(kind: str, a: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed arguments ``a``; print and return the report."""
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
-    dtype = getattr(torch, a.dtype)
-    slow = kind == "maml" and device.type == "cpu"   # ~3 s per second-order step on 2 cores
-    repeats = a.repeats or (3 if slow else 20)
-    warmup = a.warmup if a.warmup is not None else (0 if slow else 3)
-    make = conv_problem if kind == "maml" else sine_problem
-    problem = make(a, device=device, dtype=dtype)
-    tiny = make(a, device=device, dtype=torch.float64, tiny=True)
-    header = _header(kind, a, problem, tiny, device, dtype, repeats, warmup)
-    for line in header["lines"]:
-        _log(line)
-
-    # Phase 1, row by row: gradient checks (float64 tiny, then this size) and peak memory of one step.
-    floor = _fresh(problem.model, floor_step(problem, False))
-    floor()  # the floor has no gradient to check; this call is its untimed first step
-    with PeakMemory(device) as memory:
-        floor()
-    rows = [Row("floor: plain fwd+bwd, one batch", "-", peak_mb=memory.mb, verdict="-",
-                note=f"{_n_examples(problem.tasks)} examples in one batch")]
-    steps = [floor]
-    bn_model, bn_tiny = with_torch_batchnorm(problem.model), with_torch_batchnorm(tiny.model)
-    for first_order in ([False] if a.no_first_order else [False, True]):
-        order = "1st" if first_order else "2nd"
-        ref = ref64 = None
-        for label, build, uses_bn, note in _methods(kind, a, problem, device):
-            if build is None:
-                rows.append(Row(label, order, note=note))
-                continue
-            _log(f"{order}-order {label}: gradient checks and peak memory")
-            p = replace(problem, model=bn_model) if uses_bn else problem
-            pt = replace(tiny, model=bn_tiny) if uses_bn else tiny
-            try:
-                with _one_thread():
-                    g64 = meta_gradient(build, pt, first_order)
-                # The check call is also the row's first (untimed) step; on the CPU it gives the peak
-                # memory, on CUDA it runs with TF32 off, so one more step with default settings does.
-                with exact_matmuls(device), PeakMemory(device) as memory:
-                    g = meta_gradient(build, p, first_order)
-                step = _fresh(p.model, build(p, first_order))
-                if device.type == "cuda":
-                    with PeakMemory(device) as memory:
-                        step()
-            except Exception as error:  # noqa: BLE001 - only the third-party row may fail; shown in the table
-                if not label.startswith("higher"):
-                    raise
-                rows.append(Row(label, order, note=f"failed: {type(error).__name__}: {error}"[:120]))
-                continue
-            if ref is None:  # the per-task loop comes first: it is the reference
-                ref, ref64 = g, g64
-                if not first_order:
-                    with _one_thread():
-                        header["finite_difference_check"] = fd = finite_difference_check(tiny, ref64)
-                    header["lines"].append(f"reference check: the per-task loop's 2nd-order meta-gradient vs "
-                                           f"central differences (float64, tiny, 3 random directions, eps 1e-7): {fd:.1e}")
-                    _log(header["lines"][-1])
-            err64 = relative_error(g64, ref64)
-            rows.append(Row(label, order, peak_mb=memory.mb, grad_err=relative_error(g, ref), grad_err_f64=err64,
-                            verdict="reference" if g is ref else "exact" if err64 < EXACT_F64 else "WRONG",
-                            note=note))
-            steps.append(step)
-
-    # Phase 2: timing, all rows interleaved round by round.
-    _log(f"timing {len(steps)} rows: {warmup} warm-up + {repeats} timed rounds")
-    timed = [r for r in rows if r.verdict]
-    for row, times in zip(timed, time_interleaved(steps, device, warmup, repeats), strict=True):
-        row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
-    floor_ms = rows[0].median_ms
-    for row in timed:
-        row.x_floor = row.median_ms / floor_ms
-        loop = next((r for r in timed if r.order == row.order and r.verdict == "reference"), None)
+        # Phase 2: peak memory of one step per row, then the timing, all rows interleaved round by round.
+        _log(f"timing {len(steps)} rows: {warmup} warm-up + {repeats} timed rounds")
+        measured = [r for r in rows if r.verdict]
+        for row, t in zip(measured, measure(steps, device, repeats=repeats, warmup=warmup, log=_log), strict=True):
+            row.median_ms, row.min_ms, row.max_ms, row.peak_mb = t
+    for row in measured:
+        row.x_floor = row.median_ms / rows[0].median_ms
+        loop = next((r for r in measured if r.order == row.order and r.verdict == "reference"), None)
         row.speedup_vs_loop = loop.median_ms / row.median_ms if loop else None
 
-    report = {"benchmark": kind, "header": header, "rows": [asdict(r) for r in rows]}
+    report = {"benchmark": c.benchmark, "header": header, "rows": [asdict(r) for r in rows]}
     print(format_report(report), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {a.json}")
+    if c.json:
+        Path(c.json).write_text(json.dumps(report, indent=2))
+        _log(f"wrote {c.json}")
     return report
 
 
+# ----------------------------------------------------------------------------- the report
 def _n_examples(tasks: TaskBatch) -> int:
     return tasks.meta_batch * (tasks.x_support.shape[1] + tasks.x_query.shape[1])
 
@@ -444,58 +450,55 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical CPUs{load})"
 
 
-def _header(kind: str, a: argparse.Namespace, p: Problem, tiny: Problem, device: torch.device,
-            dtype: torch.dtype, repeats: int, warmup: int) -> dict:
-    t, tt = p.tasks, tiny.tasks
+def describe(c: BenchConfig, p: Problem, device: torch.device, repeats: int, warmup: int) -> dict:
+    """The report's header: what was measured, where and how, one line per item."""
+    t, tiny, cuda = p.tasks, c.tiny(), device.type == "cuda"
     n_params = sum(w.numel() for w in p.model.parameters())
-    if kind == "maml":
-        data = (f"SYNTHETIC data: random images U[0,1) of 1x{a.image_size}x{a.image_size} (Omniglot size), "
-                f"labels 0..{a.n_way - 1}: timing only, nothing learns")
-        task = f"{a.n_way}-way {a.k_shot}-shot, {a.n_query} query/class"
-        model = f"Conv4(hidden={a.hidden}, norm={a.norm!r}), {n_params:,} parameters"
-        tiny_desc = f"meta_batch={tt.meta_batch}, hidden={min(a.hidden, 8)}, 16x16 images, {tt.x_query.shape[1]} query"
+    if c.benchmark == "maml":
+        data = (f"SYNTHETIC data: random images U[0,1) of 1x{c.image_size}x{c.image_size} (Omniglot size), "
+                f"labels 0..{c.n_way - 1}: timing only, nothing learns")
+        task = f"{c.n_way}-way {c.k_shot}-shot, {c.n_query} query/class"
+        model = f"Conv4(hidden={c.hidden}, norm={c.norm!r}), {n_params:,} parameters"
+        tiny_desc = f"meta_batch={tiny.meta_batch}, hidden={tiny.hidden}, 16x16 images, {tiny.n_query} query"
     else:
         data = "sine regression tasks (Finn et al. 2017), x ~ U[-5, 5]"
-        task = f"{a.k_shot} support, {a.n_query} query points"
-        model = f"MLP(1, {(a.hidden,) * a.layers}, 1), {n_params:,} parameters"
-        tiny_desc = f"meta_batch={tt.meta_batch}, hidden={min(a.hidden, 8)}"
-    memory = ("of one step: torch.cuda.max_memory_allocated above the allocation before it" if device.type == "cuda" else
-              "of one step: peak resident set size (VmHWM of /proc/self/status, reset via /proc/self/clear_refs "
-              "after malloc_trim) above the RSS before it: tensors plus allocator slack")
+        task = f"{c.k_shot} support, {c.n_query} query points"
+        model = f"MLP(1, {(c.hidden,) * c.layers}, 1), {n_params:,} parameters"
+        tiny_desc = f"meta_batch={tiny.meta_batch}, hidden={tiny.hidden}"
+    tf32 = f" | TF32 conv={torch.backends.cudnn.allow_tf32} matmul={torch.backends.cuda.matmul.allow_tf32}"
+    memory = ("torch.cuda.max_memory_allocated above the allocation before it" if cuda else
+              "peak resident set size (VmHWM of /proc/self/status, reset via /proc/self/clear_refs after "
+              "malloc_trim) above the RSS before it: tensors plus allocator slack")
     lines = [
-        f"mlcore.bench {kind}: one meta-gradient step (forward + backward, no optimiser step), side by side",
-        f"device: {describe_device(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
-        + (f" | TF32 conv={torch.backends.cudnn.allow_tf32} matmul={torch.backends.cuda.matmul.allow_tf32}"
-           if device.type == "cuda" else ""),
+        f"mlcore.bench {c.benchmark}: one meta-gradient step (forward + backward, no optimiser step), side by side",
+        f"device: {describe_device(device)} | torch {torch.__version__} | {c.dtype}{tf32 if cuda else ''}",
         data,
-        f"tasks: meta_batch={t.meta_batch}, {task} -> {_n_examples(t)} examples per step; "
-        f"inner_steps={p.inner_steps}, inner_lr={p.inner_lr}",
+        (f"tasks: meta_batch={t.meta_batch}, {task} -> {_n_examples(t)} examples per step; "
+         f"inner_steps={p.inner_steps}, inner_lr={p.inner_lr}"),
         f"model: {model}",
-        f"time: median (min-max) of {repeats} timed steps per row, rows interleaved round by round, after the "
-        f"untimed gradient-check step and {warmup} warm-up round(s)"
-        + ("; torch.cuda.synchronize around each step" if device.type == "cuda" else ""),
-        f"memory: {memory}",
-        "columns: 'x floor' = median / the floor's median; 'vs loop' = the per-task loop's median / this median "
-        "(> 1: faster than the per-task loop of the same order)",
-        f"grad err: max over parameter tensors n of |g_n - r_n| / max(|r_n|, 1e-3 |r|) (2-norms; the floor is for "
-        f"gradients that are exactly zero, e.g. conv biases before batch norm) against the per-task loop r of "
-        f"the same order; at this size in {str(dtype).removeprefix('torch.')}"
-        + (" with TF32 off" if device.type == "cuda" else "") + f", and 'f64 tiny' in float64 on {tiny_desc}; "
-        f"verdict: exact if f64 err < {EXACT_F64:g}",
+        (f"time: median (min-max) of {repeats} timed steps per row, rows interleaved round by round, after the "
+         f"untimed gradient-check step, {warmup} warm-up round(s) and the memory step"
+         + ("; torch.cuda.synchronize around each step" if cuda else "")),
+        f"memory: of one untimed step per row: {memory}",
+        ("columns: 'x floor' = median / the floor's median; 'vs loop' = the per-task loop's median / this median "
+         "(> 1: faster than the per-task loop of the same order)"),
+        (f"grad err: max over parameter tensors n of |g_n - r_n| / max(|r_n|, 1e-3 |r|) (2-norms; the floor is for "
+         f"gradients that are exactly zero, e.g. conv biases before batch norm) against the per-task loop r of "
+         f"the same order; at this size in {c.dtype}{' with TF32 off' if cuda else ''}, and 'f64 tiny' in "
+         f"float64 on {tiny_desc}; verdict: exact if f64 err < {EXACT_F64:g}"),
     ]
     return {"lines": lines, "device": describe_device(device), "torch": torch.__version__,
-            "dtype": str(dtype), "repeats": repeats, "warmup": warmup, "args": vars(a)}
+            "dtype": str(getattr(torch, c.dtype)), "repeats": repeats, "warmup": warmup, "args": asdict(c)}
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
 def format_report(report: dict) -> str:
@@ -503,115 +506,98 @@ def format_report(report: dict) -> str:
             "f64 tiny", "verdict")
     table = []
     for r in report["rows"]:
-        spread = f"({_fmt(r['min_ms'], '.0f')}-{_fmt(r['max_ms'], '.0f')})" if r["min_ms"] is not None else ""
-        if r["median_ms"] is not None and r["median_ms"] < 100:
-            spread = f"({r['min_ms']:.2f}-{r['max_ms']:.2f})"
-        table.append((r["method"], r["order"], _fmt(r["median_ms"], ".2f" if (r["median_ms"] or 0) < 100 else ".0f"),
-                      spread, _fmt(r["peak_mb"], ".0f"), _fmt(r["x_floor"], ".1f"),
-                      _fmt(r["speedup_vs_loop"], ".2f"), _fmt(r["grad_err"], ".1e"), _fmt(r["grad_err_f64"], ".1e"),
-                      r["verdict"] + (f"  {r['note']}" if r["note"] else "")))
+        ms = ".2f" if (r["median_ms"] or 0) < 100 else ".0f"
+        spread = f"({_fmt(r['min_ms'], ms)}-{_fmt(r['max_ms'], ms)})" if r["min_ms"] is not None else ""
+        table.append((r["method"], r["order"], _fmt(r["median_ms"], ms), spread, _fmt(r["peak_mb"], ".0f"),
+                      _fmt(r["x_floor"], ".1f"), _fmt(r["speedup_vs_loop"], ".2f"), _fmt(r["grad_err"], ".1e"),
+                      _fmt(r["grad_err_f64"], ".1e"), r["verdict"] + (f"  {r['note']}" if r["note"] else "")))
     widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head) - 1)]
 
     def line(cells: tuple[str, ...]) -> str:
         parts = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-        parts += [c.rjust(w) for c, w in zip(cells[2:-1], widths[2:], strict=True)]
+        parts += [cell.rjust(w) for cell, w in zip(cells[2:-1], widths[2:], strict=True)]
         return "  ".join(parts + [cells[-1]]).rstrip()
 
     rule = "-" * len(line(head))
     lines = [*report["header"]["lines"], rule, line(head), rule]
     for i, row in enumerate(table):
         if i > 0 and row[1] != table[i - 1][1]:
-            lines.append("")
+            lines.append("")   # a blank line between the orders
         lines.append(line(row))
     return "\n".join([*lines, rule])
 
 
+def _log(message: str) -> None:
+    print(f"[mlcore.bench] {message}", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _integer(low: int) -> Callable[[str], int]:
+    what = "a positive integer" if low == 1 else "a non-negative integer"
 
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mlcore.bench", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    for name, help_, defaults in (
-            ("maml", "Conv4 on Omniglot-size images (random data)",
-             dict(meta_batch=32, k_shot=1, n_query=15, hidden=64, inner_lr=0.4)),
-            ("sine", "the sine-regression MLP of Finn et al. 2017",
-             dict(meta_batch=25, k_shot=10, n_query=10, hidden=40, inner_lr=0.01))):
+    positive, non_negative = _integer(1), _integer(0)
+    for name, help_ in (("maml", "Conv4 on Omniglot-size images (random data)"),
+                        ("sine", "the sine-regression MLP of Finn et al. 2017")):
+        maml, defaults = name == "maml", DEFAULTS[name]
         p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--threads", type=_positive, default=None,
+        p.add_argument("--threads", type=positive, default=None,
                        help="torch.set_num_threads for this run (default: torch's choice)")
         p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-        p.add_argument("--meta-batch", type=_positive, default=defaults["meta_batch"])
-        p.add_argument("--k-shot", type=_positive, default=defaults["k_shot"],
-                       help="support examples per class" if name == "maml" else "support points per task")
-        p.add_argument("--n-query", type=_positive, default=defaults["n_query"],
-                       help="query examples per class" if name == "maml" else "query points per task")
-        p.add_argument("--inner-steps", type=_positive, default=1)
+        p.add_argument("--meta-batch", type=positive, default=defaults["meta_batch"])
+        p.add_argument("--k-shot", type=positive, default=defaults["k_shot"],
+                       help="support examples per class" if maml else "support points per task")
+        p.add_argument("--n-query", type=positive, default=defaults["n_query"],
+                       help="query examples per class" if maml else "query points per task")
+        p.add_argument("--inner-steps", type=positive, default=1)
         p.add_argument("--inner-lr", type=float, default=defaults["inner_lr"])
-        p.add_argument("--hidden", type=_positive, default=defaults["hidden"],
-                       help="channels of every conv layer" if name == "maml" else "width of every hidden layer")
-        if name == "maml":
-            p.add_argument("--n-way", type=_positive, default=5)
-            p.add_argument("--image-size", type=_positive, default=28)
+        p.add_argument("--hidden", type=positive, default=defaults["hidden"],
+                       help="channels of every conv layer" if maml else "width of every hidden layer")
+        if maml:
+            p.add_argument("--n-way", type=positive, default=5)
+            p.add_argument("--image-size", type=positive, default=28)
             p.add_argument("--norm", choices=NORMS, default="batch")
         else:
-            p.add_argument("--layers", type=_positive, default=2, help="hidden layers")
-        p.add_argument("--repeats", type=_positive, default=None,
-                       help="timed steps per row (default: maml 3 on CPU, 20 on CUDA; sine 30)")
-        p.add_argument("--warmup", type=_non_negative, default=None,
-                       help="untimed warm-up rounds (default: maml 0 on CPU, 3 otherwise)")
-        p.add_argument("--strategies", default="loop,vmap,auto", help="comma-separated mlcore strategies")
-        p.add_argument("--chunk-size", type=_positive, default=None, help="add an 'mlcore vmap chunk=N' row")
+            p.add_argument("--layers", type=positive, default=2, help="hidden layers")
+        p.add_argument("--repeats", type=positive, default=None,
+                       help="timed steps per row (default: maml on a CPU 3, otherwise 20)")
+        p.add_argument("--warmup", type=non_negative, default=None,
+                       help="untimed warm-up rounds (default: maml on a CPU 0, otherwise 3)")
+        p.add_argument("--strategies", default="loop,vmap,auto",
+                       help="comma-separated mlcore strategies")
+        p.add_argument("--chunk-size", type=positive, default=None,
+                       help="add an 'mlcore vmap chunk=N, meta_backward' row")
         p.add_argument("--no-first-order", action="store_true", help="time second-order MAML only")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (default: sys.argv[1:]), run the benchmark, print the table; return the report."""
+    """Parse ``argv`` (default: sys.argv[1:]) into a :class:`BenchConfig`, run it; return the report."""
     parser = build_parser()
-    a = parser.parse_args(argv)
-    a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    bad = sorted(set(a.strategies) - {"loop", "vmap", "auto"})
-    if bad or not a.strategies:
-        parser.error(f"--strategies takes a comma-separated subset of loop,vmap,auto; got {bad or 'nothing'}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch.cuda.is_available() is False on this machine")
-    if a.chunk_size and "vmap" not in a.strategies:
-        parser.error("--chunk-size adds a chunked vmap row; it needs 'vmap' in --strategies")
-    if not (math.isfinite(a.inner_lr) and a.inner_lr > 0):
-        parser.error(f"--inner-lr must be a positive number, got {a.inner_lr}")
-    if a.benchmark == "maml" and a.image_size < 16:
-        parser.error(f"--image-size {a.image_size} is too small for Conv4's four 2x2 poolings (need >= 16)")
-    if a.json:  # check the output before minutes of work, not after
-        target = Path(a.json).expanduser()
-        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-            parser.error(f"--json {a.json}: cannot write there (a folder, or a missing or read-only parent "
-                         f"folder); give a writable file path")
-        a.json = str(target)
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
-    return run(a.benchmark, a)
+    options = vars(parser.parse_args(argv))
+    options["strategies"] = tuple(s.strip() for s in options["strategies"].split(",") if s.strip())
+    options["json"] = options["json"] and str(Path(options["json"]).expanduser())
+    try:
+        config = BenchConfig(**options)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(config)
 
 
 if __name__ == "__main__":

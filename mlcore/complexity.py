@@ -16,20 +16,15 @@ MAML        O(B · K · |θ|)          O(K · activations): the unrolled K-step 
 not O(|θ|²) as is sometimes claimed. The functions below return plain rows (dataclasses) that a
 notebook turns into plots; :func:`linear_fit` gives the slope and R² of a straight line through them.
 
-Memory is measured by :class:`PeakMemory`: on CUDA the caching allocator's peak, exact; on the CPU the
-process's peak resident set size, which also counts allocator slack and moves in page-sized steps, so
-CPU memory curves are only meaningful well above a few MB. Rows are timed one after another: on a
-shared machine a busy spell inflates whichever row is running (on a 2-core box at load 5, one K = 8
-MAML row read 2.4 s alone and 1.2–1.5 s when interleaved with the others), so use ``repeats`` > 3 or
-compare against :mod:`mlcore.bench`, which interleaves its rows.
+Time and memory come from :func:`mlcore.timing.measure`, the harness :mod:`mlcore.bench` uses too:
+every row of one call is timed in interleaved rounds (a busy spell of a shared machine slows all rows
+alike), and memory is the peak of one call — on the CPU the peak resident set size, which counts
+allocator slack and moves in page-sized steps, so CPU memory curves mean something only well above a
+few MB. Meta-gradients are taken with :func:`mlcore.maml.meta_backward` (task by task, what training
+runs), so memory is that of one task's graph, as in the table above.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,65 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from .inner import LossFn
-from .maml import meta_loss
+from .maml import meta_backward
 from .tasks import TaskBatch
+from .timing import measure
 
-__all__ = ["Cost", "PeakMemory", "measure", "meta_gradient_cost", "gradient_cost", "cost_vs_inner_steps",
-           "cost_vs_width", "linear_fit"]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> bool:
-    """Release the allocator's free memory and reset the peak RSS (Linux ≥ 4.0); False if impossible."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed blocks; they would hide later peaks
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory of the code inside ``with``, in MB, in ``.mb`` (``None`` where it cannot be measured).
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU (Linux): the peak
-    resident set size (VmHWM, reset through /proc/self/clear_refs after ``malloc_trim``) above the RSS
-    at entry — tensors plus allocator slack.
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device, self.mb = torch.device(device), None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = _proc_status_kb("VmRSS") * 1024 if _reset_cpu_peak() else None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._base is not None:
-            self.mb = (_proc_status_kb("VmHWM") * 1024 - self._base) / 2**20
+__all__ = ["Cost", "cost_vs_inner_steps", "cost_vs_width", "gradient_step", "linear_fit", "meta_gradient_step"]
 
 
 @dataclass(frozen=True)
@@ -107,77 +48,63 @@ class Cost:
     peak_mb: float | None
 
 
-def measure(fn: Callable[[], object], device: torch.device | str, *, repeats: int = 3, warmup: int = 1
-            ) -> tuple[float, float | None]:
-    """(median milliseconds of ``repeats`` calls after ``warmup`` calls, peak MB of one call)."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    with PeakMemory(device) as memory:
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), memory.mb
-
-
 def _leaf_params(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
 
 
-def meta_gradient_cost(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn, inner_lr: float, inner_steps: int,
-                       first_order: bool = False, strategy: str = "loop", repeats: int = 3) -> Cost:
-    """Time and peak memory of one meta-gradient (``meta_loss(...).backward()``) of MAML or FOMAML."""
+def meta_gradient_step(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn, inner_lr: float, inner_steps: int,
+                       first_order: bool = False, strategy: str = "loop") -> Callable[[], None]:
+    """One MAML (or FOMAML) meta-gradient, :func:`mlcore.maml.meta_backward`, on a copy of the weights."""
     params = _leaf_params(model)
 
     def step() -> None:
-        meta_loss(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                  first_order=first_order, strategy=strategy).backward()
-
-    ms, mb = measure(step, tasks.device, repeats=repeats)
-    return Cost("FOMAML" if first_order else "MAML", inner_steps, sum(p.numel() for p in params.values()), ms, mb)
+        meta_backward(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+                      first_order=first_order, strategy=strategy)
+    return step
 
 
-def gradient_cost(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn, repeats: int = 3) -> Cost:
+def gradient_step(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn) -> Callable[[], None]:
     """The baseline: one plain gradient of the loss on all support and query examples, in one batch."""
     params = _leaf_params(model)
     x = torch.cat([tasks.x_support, tasks.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
-    y = torch.cat([tasks.y_support, tasks.y_query], 1).flatten(0, 1)
+    y = torch.cat([tasks.y_support, tasks.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
+    return lambda: loss_fn(torch.func.functional_call(model, params, (x,)), y).backward()
 
-    def step() -> None:
-        loss_fn(torch.func.functional_call(model, params, (x,)), y).backward()
 
-    ms, mb = measure(step, tasks.device, repeats=repeats)
-    return Cost("gradient", 0, sum(p.numel() for p in params.values()), ms, mb)
+def _rows(model: nn.Module, tasks: TaskBatch, inner_steps: Sequence[int], *, loss_fn: LossFn, inner_lr: float,
+          strategy: str) -> list[tuple[str, int, int, Callable[[], None]]]:
+    """(method, K, |θ|, step): the plain gradient, then MAML and FOMAML for each K."""
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = [("gradient", 0, n_params, gradient_step(model, tasks, loss_fn=loss_fn))]
+    for k in inner_steps:
+        for first_order in (False, True):
+            rows.append(("FOMAML" if first_order else "MAML", k, n_params,
+                         meta_gradient_step(model, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=k,
+                                            first_order=first_order, strategy=strategy)))
+    return rows
+
+
+def _measured(rows: list[tuple[str, int, int, Callable[[], None]]], tasks: TaskBatch, repeats: int) -> list[Cost]:
+    timings = measure([step for *_, step in rows], tasks.device, repeats=repeats, warmup=1)
+    return [Cost(method, k, n, t.median_ms, t.peak_mb) for (method, k, n, _), t in zip(rows, timings, strict=True)]
 
 
 def cost_vs_inner_steps(model: nn.Module, tasks: TaskBatch, inner_steps: Sequence[int], *, loss_fn: LossFn,
                         inner_lr: float, strategy: str = "loop", repeats: int = 3) -> list[Cost]:
-    """MAML and FOMAML for each K in ``inner_steps``, plus the plain gradient once (K = 0)."""
-    rows = [gradient_cost(model, tasks, loss_fn=loss_fn, repeats=repeats)]
-    for k in inner_steps:
-        for first_order in (False, True):
-            rows.append(meta_gradient_cost(model, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=k,
-                                           first_order=first_order, strategy=strategy, repeats=repeats))
-    return rows
+    """MAML and FOMAML for each K in ``inner_steps``, plus the plain gradient once (K = 0), timed interleaved."""
+    return _measured(_rows(model, tasks, inner_steps, loss_fn=loss_fn, inner_lr=inner_lr, strategy=strategy),
+                     tasks, repeats)
 
 
 def cost_vs_width(make_model: Callable[[int], nn.Module], widths: Sequence[int], tasks: TaskBatch, *,
                   loss_fn: LossFn, inner_lr: float, inner_steps: int = 1, strategy: str = "loop",
                   repeats: int = 3) -> list[Cost]:
-    """Gradient, FOMAML and MAML for networks ``make_model(width)`` of growing |θ| (e.g. MLP widths)."""
+    """Gradient, MAML and FOMAML for networks ``make_model(width)`` of growing |θ| (e.g. MLP widths)."""
     rows = []
     for width in widths:
         model = make_model(width).to(device=tasks.device, dtype=tasks.x_query.dtype)
-        rows.append(gradient_cost(model, tasks, loss_fn=loss_fn, repeats=repeats))
-        for first_order in (False, True):
-            rows.append(meta_gradient_cost(model, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
-                                           first_order=first_order, strategy=strategy, repeats=repeats))
-    return rows
+        rows += _rows(model, tasks, [inner_steps], loss_fn=loss_fn, inner_lr=inner_lr, strategy=strategy)
+    return _measured(rows, tasks, repeats)
 
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:

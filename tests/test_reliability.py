@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import image_tasks
 
 from mlcore import maml, matching, protonet, reptile
 from mlcore.evaluate import episode_accuracy, evaluate
@@ -131,9 +132,8 @@ def test_models_with_dropout_run_task_by_task():
 def test_model_output_width_and_labels_are_checked():
     from mlcore.models import Conv4
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(3).repeat(2, 1)
-    tasks = TaskBatch(torch.rand(2, 3, 1, 28, 28, generator=g), y, torch.rand(2, 3, 1, 28, 28, generator=g), y)
+    tasks = image_tasks(2, n_way=3, k_shot=1, n_query=1, size=28, dtype=torch.float32)
+    y = tasks.y_support
     model = Conv4(1, 10, hidden=8)                                  # a 10-way head on 3-way tasks
     with pytest.raises(ValueError, match=r"the tasks are 3-way: it needs \(n_query, 3\) logits"):
         maml.meta_loss(model, dict(model.named_parameters()), tasks, loss_fn=F.cross_entropy, inner_lr=0.1,
