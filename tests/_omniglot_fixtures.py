@@ -1,4 +1,5 @@
-"""Test helpers for mlcore.data.omniglot: a tiny Omniglot in the official layout, and a local HTTP server.
+"""Test helpers for mlcore.data.omniglot: where the real copy is, a tiny Omniglot in the official layout,
+and a local HTTP server.
 
 Nothing here touches the network: the server listens on 127.0.0.1 on an ephemeral port.
 """
@@ -7,13 +8,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import os
 import threading
 import zipfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw
+
+# The real Omniglot (both archives unpacked): $MLCORE_OMNIGLOT, else the repository's sibling
+# ../shared/data/omniglot. Tests that need it are marked @needs_real_omniglot and skip cleanly without it.
+REAL_ROOT = Path(os.environ.get("MLCORE_OMNIGLOT") or Path(__file__).resolve().parents[2] / "shared" / "data"
+                 / "omniglot")
+HAVE_REAL = (REAL_ROOT / "images_background").is_dir() and (REAL_ROOT / "images_evaluation").is_dir()
+needs_real_omniglot = pytest.mark.skipif(not HAVE_REAL,
+                                         reason=f"no Omniglot copy at {REAL_ROOT} (set MLCORE_OMNIGLOT)")
 
 # Alphabet -> number of characters, per archive (alphabet names are unique across the two, as in Omniglot).
 TINY_LAYOUT = {"images_background": {"Alpha": 2, "Beta": 3}, "images_evaluation": {"Gamma": 2}}

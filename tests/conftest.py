@@ -1,15 +1,13 @@
 """Fixtures shared by the unit tests."""
 import pytest
-import torch
+from oracles import torch_threads
 
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny tensors: a second OpenMP thread costs more than it saves; restore the setting afterwards.
+    """One torch thread for the module's tests (see oracles.torch_threads); the setting is restored after.
 
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``, or as a test's argument.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield

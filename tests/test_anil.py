@@ -8,49 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from oracles import F64, FD_TOL, conv4_problem, directional_fd_error, sine_problem
 
 from mlcore import anil
 from mlcore.inner import inner_loop
-from mlcore.models import MLP, Conv4
-from mlcore.tasks import SineTasks, TaskBatch
-
-F64 = torch.float64
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def setup(kind: str, seed: int = 0, dtype: torch.dtype = F64):
     """(model, leaf params, tasks, loss_fn, inner_lr) for a tiny sine MLP or a tiny Conv4 with a norm layer."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        model = MLP(1, (8, 8), 1).to(dtype)
-        tasks, loss_fn, lr = SineTasks().sample(3, 5, 6, generator=g, dtype=dtype), F.mse_loss, 0.05
-    else:
-        model = Conv4(1, 3, hidden=4, norm=kind.split("-")[1], image_size=16, groups=2).to(dtype)
-        support = torch.arange(3)[None].expand(2, -1).clone()                   # (B=2, 3-way 1-shot)
-        query = torch.arange(3).repeat(2)[None].expand(2, -1).clone()           # (B=2, 2 queries per class)
-        tasks = TaskBatch(torch.rand(2, 3, 1, 16, 16, generator=g, dtype=dtype), support,
-                          torch.rand(2, 6, 1, 16, 16, generator=g, dtype=dtype), query)
-        loss_fn, lr = F.cross_entropy, 0.5
-    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    return model, params, tasks, loss_fn, lr
-
-
-def fd_error(f, leaves: list[torch.Tensor], seed: int = 1) -> float:
-    """|⟨∇f, d⟩ − central difference along d| / ‖∇f‖ for a random unit direction d (h = 1e-6)."""
-    g = torch.Generator().manual_seed(seed)
-    d = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in leaves]
-    norm = torch.sqrt(sum((x ** 2).sum() for x in d))
-    d = [x / norm for x in d]
-    grads = torch.autograd.grad(f(leaves), leaves)
-    analytic = sum((gr * x).sum() for gr, x in zip(grads, d, strict=True))
-    with torch.no_grad():
-        h = 1e-6
-        numeric = (f([t + h * x for t, x in zip(leaves, d)]) - f([t - h * x for t, x in zip(leaves, d)])) / (2 * h)
-    return float(abs(analytic - numeric) / torch.sqrt(sum((gr ** 2).sum() for gr in grads)))
+        problem, lr = sine_problem((8, 8), meta_batch=3, k_shot=5, n_query=6, seed=seed, dtype=dtype), 0.05
+    else:                                                    # B=2 tasks, 3-way 1-shot, 2 queries per class
+        problem, lr = conv4_problem(kind.split("-")[1], meta_batch=2, seed=seed, dtype=dtype), 0.5
+    model, params, tasks = problem
+    return model, params, tasks, problem.loss_fn, lr
 
 
 KINDS = ["mlp", "conv-batch", "conv-group"]
@@ -67,7 +40,7 @@ def test_meta_gradient_over_body_and_head_matches_finite_differences(kind, strat
     def f(ts):
         return anil.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, head="head", loss_fn=loss_fn,
                               inner_lr=lr, inner_steps=inner_steps, strategy=strategy, reuse_features=reuse)
-    assert fd_error(f, list(params.values())) < 1e-7  # measured <= 4e-10 (see test_inner.py)
+    assert directional_fd_error(f, list(params.values()), torch.Generator().manual_seed(1)) < FD_TOL
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,10 +51,12 @@ def test_feature_reuse_equals_the_generic_path(kind, strategy, chunk_size, first
     leaves = list(params.values())
     results = []
     for reuse in (True, False):
-        loss, outputs = anil.meta_loss(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr,
-                                       inner_steps=3, first_order=first_order, strategy=strategy,
-                                       chunk_size=chunk_size, return_outputs=True, reuse_features=reuse)
-        results.append((loss, outputs, torch.autograd.grad(loss, leaves)))
+        for p in leaves:
+            p.grad = None
+        loss, outputs = anil.meta_backward(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr,
+                                           inner_steps=3, first_order=first_order, strategy=strategy,
+                                           chunk_size=chunk_size, reuse_features=reuse)
+        results.append((loss, outputs, [p.grad for p in leaves]))
     (loss_a, out_a, grad_a), (loss_b, out_b, grad_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-14)
@@ -91,7 +66,8 @@ def test_feature_reuse_equals_the_generic_path(kind, strategy, chunk_size, first
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_body_receives_a_meta_gradient(kind):
-    """The seed computed body features under no_grad: its body never learned. Every body tensor must."""
+    """A common implementation computes body features under no_grad: its body never learns. Every body
+    tensor must get a meta-gradient."""
     model, params, tasks, loss_fn, lr = setup(kind)
     loss = anil.meta_loss(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr, inner_steps=2)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
@@ -158,8 +134,8 @@ def test_predict_adapts_only_the_head_and_is_detached():
     model, params, tasks, loss_fn, lr = setup("conv-group")
     out = anil.predict(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr, inner_steps=2)
     assert out.shape == (2, 6, 3) and not out.requires_grad
-    _, expected = anil.meta_loss(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr, inner_steps=2,
-                                 return_outputs=True, reuse_features=False)
+    _, expected = anil.meta_backward(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=lr,
+                                     inner_steps=2, reuse_features=False)
     torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-14)
 
 
@@ -190,7 +166,7 @@ def test_another_adapted_layer_uses_the_generic_path():
     def f(ts):
         return anil.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, head="body.2", loss_fn=loss_fn,
                               inner_lr=lr, inner_steps=2)
-    assert fd_error(f, list(params.values())) < 1e-7
+    assert directional_fd_error(f, list(params.values()), torch.Generator().manual_seed(1)) < FD_TOL
     with pytest.raises(ValueError, match="reuse_features=True needs"):
         anil.meta_loss(model, params, tasks, head="body.2", loss_fn=loss_fn, inner_lr=lr, inner_steps=2,
                        reuse_features=True)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _omniglot_fixtures import REAL_ROOT, needs_real_omniglot
 
 from mlcore.evaluate import Accuracy, episode_accuracy, evaluate
 from mlcore.tasks import TaskBatch
@@ -125,43 +126,25 @@ def test_episode_accuracy_accepts_log_probs():
 
 # --- end to end: train each metric method briefly on Omniglot, then evaluate() -------------------------
 
-def _omniglot_root():
-    import os
-    from pathlib import Path
-
-    root = Path(os.environ.get("MLCORE_OMNIGLOT") or "/work/shared/data/omniglot")
-    if not ((root / "images_background").is_dir() and (root / "images_evaluation").is_dir()):
-        pytest.skip(f"Omniglot not found at {root} (set MLCORE_OMNIGLOT)")
-    return root
-
-
-@pytest.fixture
-def one_thread():
-    # Small convolutions gain little from a second thread, and a 2-core machine shared with other jobs
-    # (or pytest-xdist workers) slows down many-fold when every process runs 2 threads: measured 335 s
-    # with 2 threads against about 20 s with 1 for the ProtoNet case below, under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
+@needs_real_omniglot
 @pytest.mark.parametrize("method", ["protonet", "matching", "matching-fce"])
 def test_metric_methods_learn_omniglot_5way_1shot(method, one_thread):
     """A few hundred training episodes lift 5-way 1-shot test accuracy far above chance (20%).
 
     Measured with these seeds: ProtoNet 82%, Matching Networks 68%, with FCE 78% (100 test episodes).
+    One torch thread (tests/conftest.py): a 2-core machine shared with other jobs slows down many-fold
+    when every process runs 2 threads (measured 335 s with 2 threads against about 20 s with 1 for the
+    ProtoNet case, under load).
     """
     from mlcore import matching, protonet
     from mlcore.data.omniglot import load_omniglot
     from mlcore.episodes import EpisodeSampler
     from mlcore.models import Conv4
 
-    root = _omniglot_root()
-    train = EpisodeSampler(*load_omniglot(root, split="train", download=False, progress=False),
+    train = EpisodeSampler(*load_omniglot(REAL_ROOT, split="train", download=False, progress=False),
                            n_way=5, k_shot=1, n_query=5, generator=torch.Generator().manual_seed(0))
-    test = EpisodeSampler(*load_omniglot(root, split="test", download=False, progress=False),
+    test = EpisodeSampler(*load_omniglot(REAL_ROOT, split="test", download=False, progress=False),
                           n_way=5, k_shot=1, n_query=5, generator=torch.Generator())
     torch.manual_seed(0)
     model = Conv4(1, None, hidden=32)

@@ -2,8 +2,8 @@
 
 Oracles: central finite differences along a random unit direction covering every parameter at once
 (an analytic directional derivative ⟨∇f, d⟩ against (f(θ + h·d) − f(θ − h·d)) / 2h, h = 1e-6); the
-two batching strategies against each other; a static scan for the weight-swapping idioms that made
-the source notebook's MAML silently first-order.
+two batching strategies against each other; a static scan for the weight-swapping idioms that make
+a common MAML implementation silently first-order.
 """
 from __future__ import annotations
 
@@ -15,79 +15,58 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import (
+    F64,
+    FD_TOL,
+    conv4_problem,
+    directional_fd_error,
+    image_tasks,
+    leaf_params,
+    sine_problem,
+)
 from torch import nn
 
 from mlcore import maml
 from mlcore.inner import inner_loop, query_losses, resolve_strategy
 from mlcore.models import MLP, Conv4
-from mlcore.tasks import SineTasks, TaskBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-F64 = torch.float64
-FD_STEP = 1e-6
-# |analytic − FD| / ‖∇f‖: measured ≤ 4e-10 here (truncation O(h²) plus round-off ~1e-16/h). A
-# first-order (FOMAML) gradient differs from MAML's by ~1e-1 of ‖∇f‖, so this tolerance is strict.
-FD_TOL = 1e-7
-
-
-def directional_fd_error(f, tensors: list[torch.Tensor], generator: torch.Generator) -> float:
-    """|⟨∇f, d⟩ − (f(t + h d) − f(t − h d)) / 2h| / ‖∇f‖ for a random unit direction d over all tensors."""
-    d = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in tensors]
-    norm = torch.sqrt(sum((x ** 2).sum() for x in d))
-    d = [x / norm for x in d]
-    grads = torch.autograd.grad(f(tensors), tensors)
-    analytic = sum((g * x).sum() for g, x in zip(grads, d, strict=True))
-    with torch.no_grad():
-        plus = f([t + FD_STEP * x for t, x in zip(tensors, d, strict=True)])
-        minus = f([t - FD_STEP * x for t, x in zip(tensors, d, strict=True)])
-    grad_norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    assert grad_norm > 1e-6, "degenerate test: the meta-gradient is ~0"
-    return float(abs(analytic - (plus - minus) / (2 * FD_STEP)) / grad_norm)
-
-
-def image_tasks(generator: torch.Generator, meta_batch: int = 2, n_way: int = 3, k_shot: int = 1, n_query: int = 2,
-                size: int = 16, dtype: torch.dtype = F64) -> TaskBatch:
-    """Random images with labels 0..n_way-1: enough to exercise every layer of a conv net."""
-    def labels(per_class: int) -> torch.Tensor:
-        return torch.arange(n_way).repeat(per_class)[None].expand(meta_batch, -1).clone()  # (B, n_way·per_class)
-    xs = torch.rand(meta_batch, n_way * k_shot, 1, size, size, generator=generator, dtype=dtype)
-    xq = torch.rand(meta_batch, n_way * n_query, 1, size, size, generator=generator, dtype=dtype)
-    return TaskBatch(xs, labels(k_shot), xq, labels(n_query))
 
 
 def setup(kind: str, dtype: torch.dtype = F64, seed: int = 0):
     """(model, leaf parameter list, names, tasks, loss_fn, inner_lr) for a tiny sine MLP or conv net."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        model = MLP(1, (16, 16), 1).to(dtype)
-        tasks, loss_fn, lr = SineTasks().sample(3, 5, 7, generator=g, dtype=dtype), F.mse_loss, 0.01
+        problem, lr = sine_problem((16, 16), meta_batch=3, k_shot=5, n_query=7, seed=seed, dtype=dtype), 0.01
     else:
-        norm = kind.split("-")[1]
-        model = Conv4(1, 3, hidden=4, norm=norm, image_size=16, groups=2).to(dtype)
-        tasks, loss_fn, lr = image_tasks(g, meta_batch=3, dtype=dtype), F.cross_entropy, 0.4
-    names = [n for n, _ in model.named_parameters()]
-    leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    return model, leaves, names, tasks, loss_fn, lr
+        problem, lr = conv4_problem(kind.split("-")[1], meta_batch=3, seed=seed, dtype=dtype), 0.4
+    return problem.model, problem.leaves, problem.names, problem.tasks, problem.loss_fn, lr
 
 
-# (strategy, chunk_size, eager): the default eager=None differentiates task by task for "loop" and for
-# vmap chunks (tests/test_eager.py), so eager=False adds the loop that keeps the whole graph.
-STRATEGIES = [("loop", None, None), ("loop", None, False), ("vmap", None, None), ("vmap", 1, None)]
+# (strategy, chunk_size, per_task): the meta-gradient of meta_loss (the whole graph) and of meta_backward
+# (task by task, vmap chunk by chunk; tests/test_meta_backward.py), for both batching strategies.
+STRATEGIES = [("loop", None, True), ("loop", None, False), ("vmap", None, False), ("vmap", 1, True)]
+
+
+def meta_backward_grad(model, names, tasks, **kw):
+    def grad(ts):
+        leaves = [t.detach().clone().requires_grad_() for t in ts]
+        maml.meta_backward(model, dict(zip(names, leaves, strict=True)), tasks, **kw)
+        return [t.grad for t in leaves]
+    return grad
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv-batch", "conv-group"])
-@pytest.mark.parametrize("strategy,chunk_size,eager", STRATEGIES,
-                         ids=["loop-eager", "loop-graph", "vmap", "vmap-chunk1-eager"])
+@pytest.mark.parametrize("strategy,chunk_size,per_task", STRATEGIES,
+                         ids=["loop-per-task", "loop-graph", "vmap", "vmap-chunk1-per-task"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
-def test_maml_meta_gradient_matches_finite_differences(kind, strategy, chunk_size, eager, inner_steps):
+def test_maml_meta_gradient_matches_finite_differences(kind, strategy, chunk_size, per_task, inner_steps):
     model, leaves, names, tasks, loss_fn, lr = setup(kind)
+    kw = dict(loss_fn=loss_fn, inner_lr=lr, inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size)
 
     def f(ts):
-        return maml.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, loss_fn=loss_fn, inner_lr=lr,
-                              inner_steps=inner_steps, strategy=strategy, chunk_size=chunk_size, eager=eager)
-    assert directional_fd_error(f, leaves, torch.Generator().manual_seed(1)) < FD_TOL
+        return maml.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, **kw)
+    grad = meta_backward_grad(model, names, tasks, **kw) if per_task else None
+    assert directional_fd_error(f, leaves, torch.Generator().manual_seed(1), grad) < FD_TOL
 
 
 def meta_gradient(kind: str, strategy: str, dtype: torch.dtype, chunk_size: int | None = None):
@@ -136,9 +115,7 @@ def test_torch_batchnorm_with_vmap_raises_the_teaching_error_and_auto_picks_loop
     assert resolve_strategy("auto", Conv4(norm="batch"), torch.device("cuda")) == "vmap"
     assert resolve_strategy("auto", nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), torch.device("cpu")) == "loop"
     assert resolve_strategy("auto", MLP(), torch.device("cpu")) == "vmap"
-    g = torch.Generator().manual_seed(0)
-    tasks = TaskBatch(torch.rand(2, 4, 1, 4, 4, generator=g), torch.tensor([[0, 1, 0, 1]] * 2),
-                      torch.rand(2, 4, 1, 4, 4, generator=g), torch.tensor([[0, 1, 1, 0]] * 2))
+    tasks = image_tasks(2, n_way=2, k_shot=2, n_query=2, size=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="WRONG"):
         maml.meta_loss(net, dict(net.named_parameters()), tasks, loss_fn=F.cross_entropy, inner_lr=0.1,
                        inner_steps=1, strategy="vmap")
@@ -146,11 +123,10 @@ def test_torch_batchnorm_with_vmap_raises_the_teaching_error_and_auto_picks_loop
 
 def test_torch_batchnorm_is_exact_with_the_loop():
     net = TorchBatchNormNet().double()
-    names = [n for n, _ in net.named_parameters()]
-    leaves = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    params = leaf_params(net)
+    names, leaves = list(params), list(params.values())
     g = torch.Generator().manual_seed(0)
-    tasks = TaskBatch(torch.rand(2, 4, 1, 4, 4, generator=g, dtype=F64), torch.tensor([[0, 1, 0, 1]] * 2),
-                      torch.rand(2, 4, 1, 4, 4, generator=g, dtype=F64), torch.tensor([[0, 1, 1, 0]] * 2))
+    tasks = image_tasks(2, n_way=2, k_shot=2, n_query=2, size=4, generator=g)
 
     def f(ts):
         return maml.meta_loss(net, dict(zip(names, ts, strict=True)), tasks, loss_fn=F.cross_entropy,
@@ -173,20 +149,21 @@ def test_trajectory_starts_at_params_and_adapt_freezes_the_rest():
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_plain_autograd_and_torch_func_paths_agree(first_order):
-    """Outside a transform the inner loop uses torch.autograd.grad, inside one torch.func.grad: the
-    adapted parameters and their derivatives w.r.t. the inputs x must agree, also when θ does not
-    require grad (ANIL's head over differentiable features is such a case)."""
+    """The inner loop takes its gradient with torch.autograd.grad, or with torch.func.grad when
+    ``vmapped=True``: the adapted parameters and their derivatives w.r.t. the inputs x must agree, also
+    when θ does not require grad (ANIL's head over differentiable features is such a case)."""
     model, leaves, names, tasks, loss_fn, lr = setup("conv-batch")
     params = {n: p.detach() for n, p in zip(names, leaves, strict=True)}        # θ without grad
     v = {n: torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(5)) for n, p in params.items()}
 
-    def projection(x):  # <θ_2(x), v>
+    def projection(x, vmapped=False):  # <θ_2(x), v>
         theta = inner_loop(model, params, x, tasks.y_support[0], loss_fn=loss_fn, inner_lr=lr, inner_steps=2,
-                           first_order=first_order)[-1]
+                           first_order=first_order, vmapped=vmapped)[-1]
         return sum((theta[n] * v[n]).sum() for n in names)
     x = tasks.x_support[0].clone().requires_grad_()
     value = projection(x)
-    functorch = torch.func.grad(projection)(tasks.x_support[0])
+    functorch = torch.func.grad(lambda x: projection(x, vmapped=True))(tasks.x_support[0])
+    torch.testing.assert_close(projection(x, vmapped=True).detach(), value.detach(), rtol=1e-12, atol=0)
     if first_order:                                            # FOMAML: θ_2 is a constant of x
         assert not value.requires_grad and float(functorch.abs().sum()) == 0
         return
@@ -237,8 +214,8 @@ def test_inner_loop_errors_teach():
     with pytest.raises(ValueError, match="non-negative integer"):
         query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=lr, inner_steps=-1)
     with pytest.raises(ValueError, match="strategy='vmap' only"):
-        query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=lr, inner_steps=1, strategy="loop",
-                     chunk_size=2)
+        maml.meta_loss(model, params, tasks, loss_fn=loss_fn, inner_lr=lr, inner_steps=1, strategy="loop",
+                       chunk_size=2)
     with pytest.raises(ValueError, match="strategy must be one of"):
         query_losses(model, params, tasks, loss_fn=loss_fn, inner_lr=lr, inner_steps=1, strategy="pmap")
     with pytest.raises(ValueError, match="eval_steps"):

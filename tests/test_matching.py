@@ -4,19 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import F64, image_tasks
 
 from mlcore import matching
 from mlcore.matching import FullContextEmbedding
 from mlcore.models import Conv4
-from mlcore.tasks import TaskBatch
-
-D64 = torch.float64
 
 
 def _episode(meta_batch=2, n_way=4, k_shot=3, n_query=5, dim=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    support = torch.randn(meta_batch, n_way * k_shot, dim, generator=g, dtype=D64)
-    query = torch.randn(meta_batch, n_way * n_query, dim, generator=g, dtype=D64)
+    support = torch.randn(meta_batch, n_way * k_shot, dim, generator=g, dtype=F64)
+    query = torch.randn(meta_batch, n_way * n_query, dim, generator=g, dtype=F64)
     labels = torch.stack([torch.randperm(n_way * k_shot, generator=g) % n_way for _ in range(meta_batch)])
     return query, support, labels
 
@@ -28,7 +26,7 @@ def test_log_probs_are_normalised(use_fce):
     fce = FullContextEmbedding(6, k_steps=3).double() if use_fce else None
     out = matching.log_probs(query, support, labels, 4, fce=fce)
     assert out.shape == (2, 20, 4)
-    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(2, 20, dtype=D64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(2, 20, dtype=F64), rtol=0, atol=1e-12)
 
 
 def test_log_probs_equal_paper_formula():
@@ -36,10 +34,10 @@ def test_log_probs_equal_paper_formula():
     query, support, labels = _episode()
     cos = F.cosine_similarity(query[:, :, None], support[:, None], dim=-1)    # (B, Q, S)
     attention = torch.softmax(cos, dim=-1)
-    probs = attention @ F.one_hot(labels, 4).to(D64)                          # (B, Q, N)
+    probs = attention @ F.one_hot(labels, 4).to(F64)                          # (B, Q, N)
     torch.testing.assert_close(matching.log_probs(query, support, labels, 4), probs.log())
     # Unbatched and with a temperature.
-    probs3 = torch.softmax(3 * cos[0], -1) @ F.one_hot(labels[0], 4).to(D64)
+    probs3 = torch.softmax(3 * cos[0], -1) @ F.one_hot(labels[0], 4).to(F64)
     torch.testing.assert_close(matching.log_probs(query[0], support[0], labels[0], 4, scale=3.0), probs3.log())
 
 
@@ -49,7 +47,7 @@ def test_log_probs_stable_where_probabilities_underflow():
     out = matching.log_probs(query, support, labels, 4, scale=1e4)
     assert torch.isfinite(out).all()
     naive = (torch.softmax(1e4 * F.cosine_similarity(query[:, :, None], support[:, None], dim=-1), -1)
-             @ F.one_hot(labels, 4).to(D64)).log()
+             @ F.one_hot(labels, 4).to(F64)).log()
     assert torch.isinf(naive).any()          # the naive route would give −inf (and NaN gradients)
     support = support.clone().requires_grad_()
     matching.log_probs(query, support, labels, 4, scale=1e4).sum().backward()
@@ -84,8 +82,8 @@ def test_fce_batches_queries_and_episodes_independently():
     """Batched FCE equals running each episode, and each query, on its own (no leakage)."""
     torch.manual_seed(0)
     fce = FullContextEmbedding(5, k_steps=3).double()
-    support = torch.randn(2, 6, 5, dtype=D64)
-    query = torch.randn(2, 4, 5, dtype=D64)
+    support = torch.randn(2, 6, 5, dtype=F64)
+    query = torch.randn(2, 4, 5, dtype=F64)
     g, f = fce(support, query)
     for b in range(2):
         for j in range(4):
@@ -97,7 +95,7 @@ def test_fce_batches_queries_and_episodes_independently():
 def test_fce_support_embedding_uses_both_directions_and_skip():
     torch.manual_seed(0)
     fce = FullContextEmbedding(4, k_steps=1).double()
-    support = torch.randn(1, 5, 4, dtype=D64)
+    support = torch.randn(1, 5, 4, dtype=F64)
     h, _ = fce.support_lstm(support)
     torch.testing.assert_close(fce.embed_support(support), h[..., :4] + h[..., 4:] + support)
     # g(x_1) depends on the last item (backward LSTM), g(x_5) on the first (forward LSTM).
@@ -132,15 +130,12 @@ def test_shape_mismatches_raise():
 
 def test_meta_loss_is_nll_of_probabilities_and_train_step_learns():
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    y_s = torch.arange(5).repeat(2, 1)
-    y_q = torch.arange(5).repeat_interleave(2).repeat(2, 1)
-    tasks = TaskBatch(torch.rand(2, 5, 1, 16, 16, generator=g), y_s, torch.rand(2, 10, 1, 16, 16, generator=g), y_q)
+    tasks = image_tasks(2, n_way=5, k_shot=1, n_query=2, dtype=torch.float32)
     model = Conv4(1, None, hidden=8, image_size=16)
     fce = FullContextEmbedding(model.embedding_dim, k_steps=2)
     value, acc = matching.meta_loss(model, tasks, fce=fce)
     log_p = matching.predict(model, tasks, fce=fce)
-    torch.testing.assert_close(value, -log_p.gather(-1, y_q[..., None]).mean())
+    torch.testing.assert_close(value, -log_p.gather(-1, tasks.y_query[..., None]).mean())
     assert 0 <= acc.item() <= 1
     opt = torch.optim.Adam([*model.parameters(), *fce.parameters()], lr=1e-3)
     first, _ = matching.train_step(model, opt, tasks, fce=fce)

@@ -1,8 +1,9 @@
 """mlcore.data.omniglot: the real copy (skipped when absent) and the download path (local server, no network).
 
-Real-data tests read /work/shared/data/omniglot (or $MLCORE_OMNIGLOT) and use mlcore's normal decoded
-cache ($MLCORE_CACHE, else ~/.cache/mlcore): the first run on a machine decodes once (~10 s), later
-runs load in a fraction of a second. The cold decode into a fresh cache is the one ``slow`` test.
+Real-data tests read $MLCORE_OMNIGLOT, else the repository's sibling ../shared/data/omniglot
+(_omniglot_fixtures.REAL_ROOT), and use mlcore's normal decoded cache ($MLCORE_CACHE, else
+~/.cache/mlcore): the first run on a machine decodes once (~10 s), later runs load in a fraction of a
+second. The cold decode into a fresh cache is the one ``slow`` test.
 """
 from __future__ import annotations
 
@@ -15,19 +16,27 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from _omniglot_fixtures import DRAWINGS, TINY_LAYOUT, closed_port_url, make_tiny_omniglot, serve
-import PIL.Image
+from _omniglot_fixtures import (
+    DRAWINGS,
+    REAL_ROOT,
+    TINY_LAYOUT,
+    closed_port_url,
+    make_tiny_omniglot,
+    needs_real_omniglot,
+    serve,
+)
 from PIL import Image
 
 from mlcore.data import omniglot as og
-from mlcore.data.omniglot import OMNIGLOT_MD5, load_omniglot, omniglot_class_names, omniglot_root
-
-REPO = Path(__file__).resolve().parents[1]
-REAL_ROOT = Path(os.environ.get("MLCORE_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
-HAVE_REAL = (REAL_ROOT / "images_background").is_dir() and (REAL_ROOT / "images_evaluation").is_dir()
-real = pytest.mark.skipif(not HAVE_REAL, reason=f"no Omniglot copy at {REAL_ROOT} (set MLCORE_OMNIGLOT)")
+from mlcore.data.omniglot import (
+    OMNIGLOT_MD5,
+    load_omniglot,
+    omniglot_class_names,
+    omniglot_root,
+)
 
 CLASS_COUNTS = {("vinyals", "train"): 4112, ("vinyals", "val"): 688, ("vinyals", "trainval"): 4800,
                 ("vinyals", "test"): 1692, ("original", "background"): 964, ("original", "evaluation"): 659}
@@ -75,7 +84,7 @@ def test_missing_data_without_download_says_where_it_looked(monkeypatch, tmp_pat
 
 # --- the real copy ------------------------------------------------------------------------------------
 
-@real
+@needs_real_omniglot
 @pytest.mark.parametrize(("protocol", "split"), list(CLASS_COUNTS))
 def test_real_split_sizes_shapes_and_values(protocol, split):
     images, labels = real_split(protocol, split)
@@ -89,7 +98,7 @@ def test_real_split_sizes_shapes_and_values(protocol, split):
     assert len(omniglot_class_names(split, protocol, root=REAL_ROOT)) == n_classes
 
 
-@real
+@needs_real_omniglot
 def test_real_rotated_classes_are_rot90_of_the_upright_class():
     images, labels = real_split("vinyals", "train")
     names = omniglot_class_names("train")
@@ -111,7 +120,7 @@ def _pil_pipeline(png: Path, degrees: int, size: int, rotate_first: bool) -> tor
     return pixels if rotate_first else torch.rot90(pixels, degrees // 90, dims=(-2, -1))
 
 
-@real
+@needs_real_omniglot
 def test_rot90_matches_pil_rotate_and_commutes_with_resizing_on_a_real_image():
     png = sorted(next(REAL_ROOT.glob("images_*/Angelic/character01")).glob("*.png"))[3]
     for degrees in (90, 180, 270):
@@ -124,7 +133,7 @@ def test_rot90_matches_pil_rotate_and_commutes_with_resizing_on_a_real_image():
     assert torch.equal((loaded * 255).round().to(torch.uint8), _pil_pipeline(png, 90, 28, True))
 
 
-@real
+@needs_real_omniglot
 def _no_decoding(*args, **kwargs):
     raise AssertionError("a cached load must not open any PNG")
 
@@ -144,7 +153,7 @@ def test_real_cache_second_load_is_fast_identical_and_outside_the_shared_copy(mo
         assert not og._cache_path(REAL_ROOT, 28).is_relative_to(REAL_ROOT)
 
 
-@real
+@needs_real_omniglot
 @pytest.mark.slow
 def test_real_cold_decode_into_a_fresh_cache(monkeypatch, tmp_path):
     # Always cold: the cache goes to a fresh folder even when the data folder is writable (a cache an

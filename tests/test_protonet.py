@@ -4,20 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import F64, FD_TOL, directional_fd_error, image_tasks, leaf_params
+from torch.func import functional_call
 
 from mlcore import protonet
 from mlcore.models import Conv4
 from mlcore.tasks import TaskBatch
 
-D64 = torch.float64
-
 
 def test_prototypes_hand_worked_example():
     # Classes out of order and with unequal shots: class 0 = {(1, 2), (3, 6)}, class 1 = {(0, 0)},
     # class 2 = {(2, -2), (4, 0), (6, 5)}.
-    emb = torch.tensor([[1., 2.], [2., -2.], [0., 0.], [3., 6.], [4., 0.], [6., 5.]], dtype=D64)
+    emb = torch.tensor([[1., 2.], [2., -2.], [0., 0.], [3., 6.], [4., 0.], [6., 5.]], dtype=F64)
     labels = torch.tensor([0, 2, 1, 0, 2, 2])
-    expected = torch.tensor([[2., 4.], [0., 0.], [4., 1.]], dtype=D64)
+    expected = torch.tensor([[2., 4.], [0., 0.], [4., 1.]], dtype=F64)
     torch.testing.assert_close(protonet.prototypes(emb, labels, 3), expected, rtol=0, atol=1e-15)
     # Batched: two episodes, the second a permutation of the first with relabelled classes.
     perm = torch.tensor([5, 0, 3, 1, 2, 4])
@@ -30,7 +30,7 @@ def test_prototypes_hand_worked_example():
 
 def test_prototypes_equal_class_means_random():
     g = torch.Generator().manual_seed(0)
-    emb = torch.randn(4, 15, 7, generator=g, dtype=D64)
+    emb = torch.randn(4, 15, 7, generator=g, dtype=F64)
     labels = torch.stack([torch.randperm(15, generator=g) % 5 for _ in range(4)])
     protos = protonet.prototypes(emb, labels, 5)
     for b in range(4):
@@ -40,8 +40,8 @@ def test_prototypes_equal_class_means_random():
 
 def test_euclidean_logits_are_negative_squared_distances():
     g = torch.Generator().manual_seed(1)
-    query = torch.randn(3, 10, 16, generator=g, dtype=D64) * 5 + 2
-    protos = torch.randn(3, 4, 16, generator=g, dtype=D64) * 5 + 2
+    query = torch.randn(3, 10, 16, generator=g, dtype=F64) * 5 + 2
+    protos = torch.randn(3, 4, 16, generator=g, dtype=F64) * 5 + 2
     torch.testing.assert_close(protonet.logits(query, protos), -torch.cdist(query, protos) ** 2,
                                rtol=1e-12, atol=1e-10)
     # Unbatched works too.
@@ -51,8 +51,8 @@ def test_euclidean_logits_are_negative_squared_distances():
 
 def test_cosine_logits():
     g = torch.Generator().manual_seed(2)
-    query = torch.randn(2, 6, 8, generator=g, dtype=D64)
-    protos = torch.randn(2, 3, 8, generator=g, dtype=D64)
+    query = torch.randn(2, 6, 8, generator=g, dtype=F64)
+    protos = torch.randn(2, 3, 8, generator=g, dtype=F64)
     expected = 7.0 * F.cosine_similarity(query[:, :, None], protos[:, None], dim=-1)
     torch.testing.assert_close(protonet.logits(query, protos, "cosine", scale=7.0), expected)
     with pytest.raises(ValueError, match="euclidean"):
@@ -61,7 +61,7 @@ def test_cosine_logits():
 
 def test_loss_is_negative_log_softmax_of_true_class():
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(2, 5, 3, generator=g, dtype=D64)
+    z = torch.randn(2, 5, 3, generator=g, dtype=F64)
     y = torch.randint(0, 3, (2, 5), generator=g)
     manual = -torch.log(torch.softmax(z, -1).gather(-1, y[..., None])).mean()
     torch.testing.assert_close(protonet.loss(z, y), manual)
@@ -94,53 +94,45 @@ def test_shape_mismatches_raise():
         protonet.logits(torch.randn(2, 5, 4), torch.randn(3, 3, 4))
 
 
-def _tiny_tasks(meta_batch=3, n_way=3, k_shot=2, n_query=2, seed=0, dtype=torch.float32, size=16):
-    """Random images of side ``size`` (16: the smallest Conv4 input, to keep the tests fast)."""
-    g = torch.Generator().manual_seed(seed)
-    y_s = torch.arange(n_way).repeat_interleave(k_shot).repeat(meta_batch, 1)
-    y_q = torch.arange(n_way).repeat_interleave(n_query).repeat(meta_batch, 1)
-    return TaskBatch(torch.rand(meta_batch, n_way * k_shot, 1, size, size, generator=g, dtype=dtype), y_s,
-                     torch.rand(meta_batch, n_way * n_query, 1, size, size, generator=g, dtype=dtype), y_q)
-
-
 def test_episodes_are_embedded_jointly_and_independently():
     """Batch statistics: support + query of one episode form one batch; episodes never mix."""
     torch.manual_seed(0)
     model = Conv4(1, None, hidden=8, image_size=16).double()
-    tasks = _tiny_tasks(dtype=D64)
+    tasks = image_tasks(3, n_way=3, k_shot=2, n_query=2)
     s, q = protonet.embed_episodes(model, tasks)
     assert s.shape == (3, 6, 8) and q.shape == (3, 6, 8)
     one = model.embed(torch.cat([tasks.x_support[1], tasks.x_query[1]]))
     torch.testing.assert_close(torch.cat([s[1], q[1]]), one)
     # Changing episode 0 leaves episode 1 untouched.
-    other = TaskBatch(tasks.x_support * torch.tensor([2., 1., 1.], dtype=D64)[:, None, None, None, None],
+    other = TaskBatch(tasks.x_support * torch.tensor([2., 1., 1.], dtype=F64)[:, None, None, None, None],
                       tasks.y_support, tasks.x_query, tasks.y_query)
     torch.testing.assert_close(protonet.embed_episodes(model, other)[1][1], q[1])
 
 
 def test_meta_loss_gradient_matches_finite_differences():
+    """Over every parameter at once (a conv bias right before batch norm, checked alone, has an exactly-zero
+    gradient: 0 against 0 cannot fail)."""
     torch.manual_seed(0)
     model = Conv4(1, None, hidden=4, image_size=16, norm="batch").double()
-    tasks = _tiny_tasks(meta_batch=2, dtype=D64)
+    tasks = image_tasks(2, n_way=3, k_shot=2, n_query=2)
     value, acc = protonet.meta_loss(model, tasks)
     assert 0.0 <= acc.item() <= 1.0 and not acc.requires_grad
-    weight = model.body[0].bias
-    grad = torch.autograd.grad(value, weight)[0]
-    eps = 1e-6
-    for i in range(2):
-        with torch.no_grad():
-            weight[i] += eps
-            up = protonet.meta_loss(model, tasks)[0]
-            weight[i] -= 2 * eps
-            down = protonet.meta_loss(model, tasks)[0]
-            weight[i] += eps
-        assert abs((up - down).item() / (2 * eps) - grad[i].item()) < 1e-6
+    params = leaf_params(model)
+
+    def f(ts):   # the same loss as a function of the parameter values
+        theta = dict(zip(params, ts, strict=True))
+        return protonet.meta_loss(lambda x: functional_call(model, theta, (x,)), tasks)[0]
+    torch.testing.assert_close(f(list(params.values())), value, rtol=0, atol=0)
+
+    def module_grad(ts):  # the gradient under test: the model's own, at its own parameters (= ts)
+        return torch.autograd.grad(value, list(model.parameters()))
+    assert directional_fd_error(f, list(params.values()), torch.Generator().manual_seed(1), module_grad) < FD_TOL
 
 
 def test_train_step_reduces_loss_on_fixed_batch():
     torch.manual_seed(0)
     model = Conv4(1, None, hidden=8, image_size=16)
-    tasks = _tiny_tasks(meta_batch=2, n_way=5, k_shot=1, n_query=2)
+    tasks = image_tasks(2, n_way=5, k_shot=1, n_query=2, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     first, _ = protonet.train_step(model, opt, tasks)
     for _ in range(5):
@@ -150,7 +142,7 @@ def test_train_step_reduces_loss_on_fixed_batch():
 
 def test_predict_infers_n_way_and_rejects_regression_tasks():
     model = Conv4(1, None, hidden=4, image_size=16)
-    assert protonet.predict(model, _tiny_tasks(n_way=4)).shape == (3, 8, 4)
+    assert protonet.predict(model, image_tasks(3, n_way=4, k_shot=2, dtype=torch.float32)).shape == (3, 8, 4)
     x = torch.rand(1, 3, 1, 16, 16)
     y = torch.rand(1, 3, 1)
     with pytest.raises(TypeError, match="classification"):
@@ -168,7 +160,7 @@ def test_embedding_pca_plot_smoke():
 
     torch.manual_seed(0)
     model = Conv4(1, None, hidden=8, image_size=16)
-    episode = _tiny_tasks(meta_batch=1, n_way=4, k_shot=2, n_query=3)
+    episode = image_tasks(1, n_way=4, k_shot=2, n_query=3, dtype=torch.float32)
     before = viz.embed_episode(model, episode, title="before")
     protonet.train_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), episode)
     after = viz.embed_episode(model, episode, title="after",
@@ -180,6 +172,6 @@ def test_embedding_pca_plot_smoke():
     assert titles[0].startswith("before: episode accuracy") and titles[1].startswith("after: episode accuracy")
     plt.close(fig)
     with pytest.raises(ValueError, match="one episode"):
-        viz.embed_episode(model, _tiny_tasks(meta_batch=2))
+        viz.embed_episode(model, image_tasks(2, dtype=torch.float32))
     with pytest.raises(TypeError, match="EpisodeEmbedding"):
         viz.plot_embeddings_pca()

@@ -5,25 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import conv4_problem, sine_problem
 from torch.func import functional_call
 
-from mlcore.models import MLP, Conv4
 from mlcore.reptile import reptile_step
-from mlcore.tasks import SineTasks, TaskBatch
+from mlcore.tasks import TaskBatch
 
-F64 = torch.float64
 ALPHA, EPSILON, K = 0.02, 0.3, 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def setup(meta_batch: int = 3, seed: int = 0, dtype: torch.dtype = F64):
-    torch.manual_seed(seed)
-    model = MLP(1, (8, 8), 1).to(dtype)
-    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    tasks = SineTasks().sample(meta_batch, 5, 6, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return model, params, tasks
 
 
 def hand_adapt(model, params, x, y, optimizer: str, betas=(0.9, 0.999)) -> dict[str, torch.Tensor]:
@@ -67,22 +58,22 @@ def assert_dicts_close(a, b, rtol=1e-12, atol=1e-14):
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 @pytest.mark.parametrize("serial", [False, True], ids=["batched", "serial"])
 def test_one_step_equals_the_hand_computed_update(optimizer, strategy, serial):
-    model, params, tasks = setup()
+    model, params, tasks = sine_problem()
     got = reptile_step(model, params, tasks, loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON,
                        optimizer=optimizer, strategy=strategy, serial=serial)
     assert_dicts_close(got, hand_reptile(model, params, tasks, optimizer, serial))
 
 
 def test_adam_with_the_papers_beta1_zero():
-    model, params, tasks = setup()
+    model, params, tasks = sine_problem()
     got = reptile_step(model, params, tasks, loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON,
                        optimizer="adam", adam_betas=(0.0, 0.999))
     assert_dicts_close(got, hand_reptile(model, params, tasks, "adam", False, betas=(0.0, 0.999)))
 
 
 def test_input_is_not_mutated_and_the_result_shares_no_storage():
-    """The seed aliased θ with the inner optimiser's weights: θ' − θ was 0 and θ itself did SGD."""
-    model, params, tasks = setup()
+    """A common implementation aliases θ with the inner optimiser's weights: θ' − θ is 0 and θ itself does SGD."""
+    model, params, tasks = sine_problem()
     before = {n: p.detach().clone() for n, p in params.items()}
     got = reptile_step(model, params, tasks, loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON)
     assert all(torch.equal(params[n], before[n]) for n in params)
@@ -94,7 +85,7 @@ def test_input_is_not_mutated_and_the_result_shares_no_storage():
 
 
 def test_serial_and_batched_coincide_for_one_task_and_differ_for_several():
-    model, params, tasks = setup(meta_batch=3)
+    model, params, tasks = sine_problem(meta_batch=3)
     kwargs = dict(loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON)
     one = tasks[1]
     assert_dicts_close(reptile_step(model, params, one, serial=True, **kwargs),
@@ -113,7 +104,7 @@ def test_serial_and_batched_coincide_for_one_task_and_differ_for_several():
 
 def test_one_inner_step_is_joint_sgd():
     """k = 1, ε = 1: θ ← θ − α · mean_i ∇L_i(θ), plain SGD on the average support loss (no meta-learning)."""
-    model, params, tasks = setup()
+    model, params, tasks = sine_problem()
     got = reptile_step(model, params, tasks, loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=1, outer_lr=1.0)
     losses = [F.mse_loss(functional_call(model, params, (tasks.x_support[i],)), tasks.y_support[i])
               for i in range(tasks.meta_batch)]
@@ -122,7 +113,7 @@ def test_one_inner_step_is_joint_sgd():
 
 
 def test_query_set_is_not_used():
-    model, params, tasks = setup()
+    model, params, tasks = sine_problem()
     other = TaskBatch(tasks.x_support, tasks.y_support, tasks.x_query + 1.0, -tasks.y_query)
     kwargs = dict(loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON)
     assert_dicts_close(reptile_step(model, params, tasks, **kwargs), reptile_step(model, params, other, **kwargs),
@@ -132,13 +123,7 @@ def test_query_set_is_not_used():
 @pytest.mark.parametrize("norm", ["batch", "group"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_conv_net_vmap_and_loop_agree(norm, optimizer):
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = Conv4(1, 3, hidden=4, norm=norm, image_size=16, groups=2).double()
-    params = dict(model.named_parameters())
-    labels = torch.arange(3).repeat(2)[None].expand(2, -1).clone()              # (B=2, 3-way 2-shot)
-    tasks = TaskBatch(torch.rand(2, 6, 1, 16, 16, generator=g, dtype=F64), labels,
-                      torch.rand(2, 6, 1, 16, 16, generator=g, dtype=F64), labels)
+    model, params, tasks = conv4_problem(norm, meta_batch=2, k_shot=2, n_query=2)   # (B=2, 3-way 2-shot)
     kwargs = dict(loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2, outer_lr=0.5, optimizer=optimizer)
     vmapped = reptile_step(model, params, tasks, strategy="vmap", **kwargs)
     looped = reptile_step(model, params, tasks, strategy="loop", **kwargs)
@@ -153,7 +138,7 @@ def test_conv_net_vmap_and_loop_agree(norm, optimizer):
 
 
 def test_bad_input_raises_clear_errors():
-    model, params, tasks = setup()
+    model, params, tasks = sine_problem()
     base = dict(loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=K, outer_lr=EPSILON)
     cases = [(dict(inner_lr=0.0), ValueError, "inner_lr must be a positive"),
              (dict(inner_lr=-1.0), ValueError, "inner_lr must be a positive"),

@@ -40,7 +40,7 @@ WIDTH = 1280                 # a desktop window; the measurements and screenshot
 SCREENSHOT_TILE = 8000       # px of page per screenshot (one window height)
 SCREENSHOT_OVERLAP = 150     # px repeated at the top of the next tile (the sticky article header)
 
-# The flags of /work/shared/TOOLCHAIN.md: without the background-networking ones Chromium keeps trying
+# Chromium flags for a sandboxed CI machine: without the background-networking ones Chromium keeps trying
 # to reach Google's hosts, which this machine's closed network refuses.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -339,7 +339,7 @@ def test_every_image_loaded(page, visit) -> None:
 def test_no_cell_output_shows_an_error(page, visit) -> None:
     data = visit(page)
     assert data["tracebacks"] == 0, f"{page}: {data['tracebacks']} error output(s) rendered"
-    # A chapter may print a caught exception on purpose ("RuntimeError: ..." from the seed's broken code,
+    # A chapter may print a caught exception on purpose ("RuntimeError: ..." from a common implementation
     # shown as evidence); an uncaught one leaves a traceback or an error output, which is what fails here.
     bad = re.findall(r"Traceback \(most recent call last\)", data["outputText"])
     assert not bad, f"{page}: cell outputs show errors: {bad[:5]}"
