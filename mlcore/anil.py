@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import checks, family, maml
-from .family import Step
-from .inner import InnerLR, LossFn, MetaStep, Rates
+from .family import MetaStep, Step
+from .inner import InnerLR, LossFn, Rates
 from .models import BodyHead
 from .tasks import TaskBatch
 

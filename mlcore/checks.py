@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # mlcore.tasks uses these checks itself
     from .tasks import TaskBatch
 
 __all__ = ["InnerLoopDivergedError", "InnerLR", "positive_int", "non_negative_int", "positive_number",
-           "params", "tasks", "adapted_names", "rates", "step_weights", "chunk_size", "outputs",
+           "params", "tasks", "adapted_names", "rates", "loss_value", "step_weights", "chunk_size", "outputs",
            "raise_if_diverged"]
 
 _Rate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
@@ -187,6 +187,17 @@ def rates(inner_lr: InnerLR, inner_steps: int, params: Mapping[str, Tensor],
                                  f"like the parameter (per-step rates: a list of inner_steps rates)")
         resolved.append(rate)
     return resolved
+
+
+def loss_value(value: object) -> Tensor:
+    """A loss_fn's value: a 0-dim tensor (what a gradient can be taken of)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor (differentiable), got a {type(value).__name__}; "
+                        f"do not call .item() or float() inside it")
+    if value.dim() != 0:
+        raise ValueError(f"loss_fn must return one number per task (a mean over the examples), got shape "
+                         f"{tuple(value.shape)}; use reduction='mean' (the default of F.cross_entropy)")
+    return value
 
 
 def step_weights(weights: Sequence[float] | Tensor | None, inner_steps: int, like: Tensor) -> Tensor | None:

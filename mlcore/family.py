@@ -9,7 +9,7 @@ and gets the same four entry points from here, with the same arguments and retur
                        ``torch.autograd.grad``, ``create_graph=True`` included)
 ``meta_backward``      the same mean, back-propagated task by task (chunk by chunk under vmap) as soon as
                        each task's loss is known: gradients accumulate into ``.grad``, the memory of one
-                       task instead of B, the same gradient; returns a :class:`~mlcore.inner.MetaStep`
+                       task instead of B, the same gradient; returns a :class:`MetaStep`
                        (detached loss, query outputs)
 ``train_step``         ``optimizer.zero_grad()``, ``meta_backward``, ``optimizer.step()``; returns a
                        :class:`Step` (loss, accuracy), like ``protonet.train_step``
@@ -30,10 +30,64 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
-from .inner import InnerLR, MetaStep, TaskFn, over_tasks, resolve_strategy
+from .inner import InnerLR, resolve_strategy
 from .tasks import TaskBatch
 
-__all__ = ["Step", "Prepared", "prepare", "run", "train_step", "predict", "accuracy"]
+__all__ = ["MetaStep", "Step", "Prepared", "over_tasks", "prepare", "run", "train_step", "predict", "accuracy"]
+
+
+class MetaStep(NamedTuple):
+    """A meta-batch's mean query loss and the query outputs after adaptation, (B, n_query, ...)."""
+    loss: Tensor
+    outputs: Tensor
+
+
+TaskFn = Callable[..., tuple[Tensor, Tensor]]   # (x_s, y_s, x_q, y_q, *, vmapped) -> (loss, outputs)
+
+
+def over_tasks(task_fn: TaskFn, tasks: TaskBatch, *, how: str, chunk_size: int | None = None,
+               backward: bool = False, shared_graph: bool = False) -> MetaStep:
+    """(1/B) Σ_i ℓ_i over the B tasks, ℓ_i, o_i = ``task_fn(x_s, y_s, x_q, y_q, vmapped=…)`` of task i.
+
+    ``how="loop"`` runs one task at a time, ``"vmap"`` vmaps ``chunk_size`` tasks at a time (all by
+    default). ``backward=True`` calls ``(Σ_chunk ℓ_i / B).backward()`` on each chunk as soon as its
+    losses are known, accumulating into ``.grad`` of every leaf they depend on, and keeps only detached
+    values, so that the chunk's graph is freed: the memory of one chunk instead of the whole meta-batch,
+    the same gradient as ``loss.backward()`` on the mean. ``shared_graph``: some input shared by all
+    tasks is itself computed (θ = f(φ)), so each backward keeps that part of the graph for the next.
+    """
+    size = 1 if how == "loop" else (chunk_size or tasks.meta_batch)
+    batched = torch.func.vmap(lambda *t: task_fn(*t, vmapped=True))
+    losses, outputs = [], []
+    for start in range(0, tasks.meta_batch, size):
+        data = [t[start:start + size] for t in (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)]
+        if how == "loop":
+            loss, out = task_fn(*(t[0] for t in data), vmapped=False)
+            loss, out = loss[None], out[None]
+        else:
+            loss, out = batched(*data)
+        if backward:
+            _backward(loss.sum() / tasks.meta_batch, shared_graph)
+            loss, out = loss.detach(), out.detach()   # frees this chunk's graph
+        losses.append(loss)
+        outputs.append(out)
+    return MetaStep(torch.cat(losses).mean(), torch.cat(outputs))
+
+
+def _backward(loss: Tensor, shared_graph: bool) -> None:
+    if not loss.requires_grad:
+        raise ValueError("nothing to back-propagate into: no parameter (nor learned rate) requires grad, or grad "
+                         "mode is off. Pass dict(model.named_parameters()), or leaves made with "
+                         "p.detach().requires_grad_(), and call it outside torch.no_grad()")
+    try:
+        loss.backward(retain_graph=shared_graph)
+    except RuntimeError as error:
+        if "second time" not in str(error):
+            raise
+        raise RuntimeError("per-task backward reached a computed tensor shared by all tasks that is not among the "
+                           "params or rates (a loss_fn closing over one, say), whose graph the first task's "
+                           "backward freed; the .grad of some leaves is now partial: zero them, and use "
+                           "meta_loss(...).backward() (the whole graph) for this objective") from error
 
 
 class Step(NamedTuple):
@@ -72,7 +126,7 @@ def computed(tensors: Collection[object]) -> bool:
 
 def run(task_fn: TaskFn, tasks: TaskBatch, prepared: Prepared, *, inner_lr: InnerLR, check_finite: bool,
         backward: bool) -> MetaStep:
-    """The mean of ``task_fn`` over the tasks (:func:`mlcore.inner.over_tasks`), checked."""
+    """The mean of ``task_fn`` over the tasks (:func:`over_tasks`), checked."""
     result = over_tasks(task_fn, tasks, how=prepared.how, chunk_size=prepared.chunk_size, backward=backward,
                         shared_graph=prepared.shared_graph)
     checks.outputs(result.outputs, tasks)

@@ -26,9 +26,9 @@ The gradient is ``torch.autograd.grad``, except inside ``torch.func.vmap`` (``vm
 autograd cannot run and ``torch.func.grad`` takes it: the same number, but on a CPU the per-task loop is
 about 20% faster with autograd (Conv4 5-way 1-shot and the sine MLP, measured with one thread).
 
-Over a meta-batch, :func:`over_tasks` runs a per-task objective task by task (``"loop"``) or batched
-(``"vmap"``, in chunks) and averages it; with ``backward=True`` it back-propagates each task (or chunk)
-as soon as its loss is known, so that only one task's graph is alive at a time.
+Over a meta-batch, :func:`query_losses` runs the tasks one by one (``"loop"``) or batched (``"vmap"``,
+:func:`resolve_strategy`); :func:`mlcore.family.over_tasks` averages a method's per-task objective the same
+way, back-propagating task by task when asked.
 
 Nothing here swaps weights through ``.data``, ``load_state_dict`` or ``deepcopy``: the network is
 always called with ``torch.func.functional_call`` on the parameter dict.
@@ -36,7 +36,6 @@ always called with ``torch.func.functional_call`` on the parameter dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +45,8 @@ from . import checks
 from .checks import InnerLoopDivergedError, InnerLR
 from .tasks import TaskBatch
 
-__all__ = ["inner_loop", "trajectory", "query_losses", "over_tasks", "resolve_strategy", "MetaStep",
-           "InnerLR", "LossFn", "InnerLoopDivergedError", "STRATEGIES"]
+__all__ = ["inner_loop", "trajectory", "support_grad", "query_losses", "resolve_strategy", "InnerLR", "LossFn",
+           "InnerLoopDivergedError", "STRATEGIES"]
 
 STRATEGIES = ("auto", "loop", "vmap")
 
@@ -95,11 +94,7 @@ def support_grad(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Te
     fixed = {n: t for n, t in theta.items() if n not in names}
 
     def loss(moving: dict[str, Tensor]) -> Tensor:
-        value = loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y)
-        if value.dim() != 0:
-            raise ValueError(f"loss_fn must return one number per task (a mean over the examples), got shape "
-                             f"{tuple(value.shape)}; use reduction='mean' (the default of F.cross_entropy)")
-        return value
+        return checks.loss_value(loss_fn(functional_call(model, {**fixed, **moving}, (x,)), y))
 
     if vmapped:
         return torch.func.grad(loss)({n: theta[n] for n in names})
@@ -142,60 +137,6 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> s
     if device.type == "cuda":
         return "vmap"
     return "loop" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "vmap"
-
-
-class MetaStep(NamedTuple):
-    """A meta-batch's mean query loss and the query outputs after adaptation, (B, n_query, ...)."""
-    loss: Tensor
-    outputs: Tensor
-
-
-TaskFn = Callable[..., tuple[Tensor, Tensor]]   # (x_s, y_s, x_q, y_q, *, vmapped) -> (loss, outputs)
-
-
-def over_tasks(task_fn: TaskFn, tasks: TaskBatch, *, how: str, chunk_size: int | None = None,
-               backward: bool = False, shared_graph: bool = False) -> MetaStep:
-    """(1/B) Σ_i ℓ_i over the B tasks, ℓ_i, o_i = ``task_fn(x_s, y_s, x_q, y_q, vmapped=…)`` of task i.
-
-    ``how="loop"`` runs one task at a time, ``"vmap"`` vmaps ``chunk_size`` tasks at a time (all by
-    default). ``backward=True`` calls ``(Σ_chunk ℓ_i / B).backward()`` on each chunk as soon as its
-    losses are known, accumulating into ``.grad`` of every leaf they depend on, and keeps only detached
-    values, so that the chunk's graph is freed: the memory of one chunk instead of the whole meta-batch,
-    the same gradient as ``loss.backward()`` on the mean. ``shared_graph``: some input shared by all
-    tasks is itself computed (θ = f(φ)), so each backward keeps that part of the graph for the next.
-    """
-    size = 1 if how == "loop" else (chunk_size or tasks.meta_batch)
-    batched = torch.func.vmap(lambda *t: task_fn(*t, vmapped=True))
-    losses, outputs = [], []
-    for start in range(0, tasks.meta_batch, size):
-        data = [t[start:start + size] for t in (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)]
-        if how == "loop":
-            loss, out = task_fn(*(t[0] for t in data), vmapped=False)
-            loss, out = loss[None], out[None]
-        else:
-            loss, out = batched(*data)
-        if backward:
-            _backward(loss.sum() / tasks.meta_batch, shared_graph)
-            loss, out = loss.detach(), out.detach()   # frees this chunk's graph
-        losses.append(loss)
-        outputs.append(out)
-    return MetaStep(torch.cat(losses).mean(), torch.cat(outputs))
-
-
-def _backward(loss: Tensor, shared_graph: bool) -> None:
-    if not loss.requires_grad:
-        raise ValueError("nothing to back-propagate into: no parameter (nor learned rate) requires grad, or grad "
-                         "mode is off. Pass dict(model.named_parameters()), or leaves made with "
-                         "p.detach().requires_grad_(), and call it outside torch.no_grad()")
-    try:
-        loss.backward(retain_graph=shared_graph)
-    except RuntimeError as error:
-        if "second time" not in str(error):
-            raise
-        raise RuntimeError("per-task backward reached a computed tensor shared by all tasks that is not among the "
-                           "params or rates (a loss_fn closing over one, say), whose graph the first task's "
-                           "backward freed; the .grad of some leaves is now partial: zero them, and use "
-                           "meta_loss(...).backward() (the whole graph) for this objective") from error
 
 
 def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import checks, family
-from .family import Step
-from .inner import InnerLR, LossFn, MetaStep, Rates, trajectory
+from .family import MetaStep, Step
+from .inner import InnerLR, LossFn, Rates, trajectory
 from .tasks import TaskBatch
 
 __all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "predict", "per_step_learning_rates"]
@@ -135,7 +135,7 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBat
                   chunk_size: int | None = None, check_finite: bool = True) -> MetaStep:
     """``meta_loss(...).backward()`` task by task: each task's (chunk's) graph is back-propagated and
     freed as soon as its loss is known, so gradients accumulate into ``.grad`` with the memory of one
-    task. Returns the detached mean loss and query outputs (a :class:`~mlcore.inner.MetaStep`).
+    task. Returns the detached mean loss and query outputs (a :class:`~mlcore.family.MetaStep`).
     Arguments as in :func:`meta_loss`; zero the gradients first (or use :func:`train_step`)."""
     return _objective(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
                       first_order=first_order, step_weights=step_weights, strategy=strategy,

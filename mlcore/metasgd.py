@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, family, maml
-from .family import Step
-from .inner import LossFn, MetaStep
+from .family import MetaStep, Step
+from .inner import LossFn
 from .tasks import TaskBatch
 
 __all__ = ["init_inner_lrs", "meta_loss", "meta_backward", "train_step", "predict"]

@@ -94,3 +94,10 @@ def test_the_checks_are_the_ones_every_entry_point_uses():
     assert checks.positive_int("k", 3) == 3 and checks.non_negative_int("k", 0) == 0
     with pytest.raises(ValueError, match="EpisodeSampler: n_way must be a positive integer, got 0"):
         checks.positive_int("n_way", 0, "EpisodeSampler")
+
+
+def test_a_loss_fn_that_returns_a_python_number_is_named():
+    model, params, tasks = sine()
+    with pytest.raises(TypeError, match=r"loss_fn must return a scalar tensor.*got a float"):
+        maml.meta_loss(model, params, tasks, loss_fn=lambda o, y: F.mse_loss(o, y).item(), inner_lr=0.1,
+                       inner_steps=1, strategy="loop")

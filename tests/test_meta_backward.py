@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from oracles import F64, conv4_problem, sine_problem
 
 from mlcore import anil, family, maml, metasgd
-from mlcore.inner import MetaStep
+from mlcore.family import MetaStep
 
 TOL = 1e-12  # float64: per-task backward sums the tasks' gradients in another order (measured ~1e-16)
 
