@@ -30,12 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         print(f"mlcore {__version__}, torch {torch.__version__}")
         return 0
-    if args.command in ("train", "evaluate"):
-        from . import cli
-        return cli.train_main(rest) if args.command == "train" else cli.evaluate_main(rest)
-    from . import bench  # imported here: 'mlcore version' should not pay for it
-    bench.main(rest)
-    return 0
+    from . import cli  # imported here: 'mlcore version' should not pay for it
+    return {"train": cli.train_main, "evaluate": cli.evaluate_main, "bench": cli.bench_main}[args.command](rest)
 
 
 if __name__ == "__main__":

@@ -24,19 +24,17 @@ torch.func.vmap recipe             the functorch MAML recipe (``vmap`` over ``gr
 =================================  =====================================================================
 
 The inputs are random (timing only: nothing learns). A script (STYLE principle 11), not a timed test;
-``tests/test_bench.py`` runs it at toy size to check its rows and its gradient checks.
+``tests/test_bench.py`` runs it at toy size to check its rows and its gradient checks. Its options are
+:func:`mlcore.cli.bench_main`'s; the timing harness is :func:`mlcore.timing.measure`.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import json
 import math
 import os
-import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from .inner import LossFn, resolve_strategy
 from .maml import meta_backward, meta_loss
 from .models import MLP, NORMS, BatchStatNorm2d, Conv4
 from .tasks import SineTasks, TaskBatch
-from .timing import measure
+from .timing import describe_device, describe_measure, exact_matmuls, format_table, measure, num_threads
 
 __all__ = ["BenchConfig", "Method", "Problem", "Row", "finite_difference_check", "main", "methods", "relative_error",
            "run"]
@@ -58,6 +56,7 @@ EXACT_F64 = 1e-8  # float64 relative error below which a meta-gradient counts as
 DEFAULTS = {  # Finn et al. 2017's 5-way 1-shot Omniglot and sine-regression settings
     "maml": {"meta_batch": 32, "k_shot": 1, "n_query": 15, "hidden": 64, "inner_lr": 0.4},
     "sine": {"meta_batch": 25, "k_shot": 10, "n_query": 10, "hidden": 40, "inner_lr": 0.01}}
+STRATEGIES = ("loop", "vmap", "auto")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class BenchConfig:
     threads: int | None = None     # torch threads during the run (None: torch's choice)
     repeats: int | None = None     # timed steps per row (None: maml on a CPU 3, otherwise 20)
     warmup: int | None = None      # untimed rounds before them (None: maml on a CPU 0, otherwise 3)
-    strategies: tuple[str, ...] = ("loop", "vmap", "auto")
+    strategies: tuple[str, ...] = STRATEGIES
     chunk_size: int | None = None  # adds a "vmap chunk=N, meta_backward" row
     no_first_order: bool = False
     json: str | None = None        # also write the report there
@@ -90,7 +89,7 @@ class BenchConfig:
                               ("dtype", ("float32", "float64")), ("norm", NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        bad = sorted(set(self.strategies) - {"loop", "vmap", "auto"})
+        bad = sorted(set(self.strategies) - set(STRATEGIES))
         if bad or not self.strategies:
             raise ValueError(f"--strategies takes a comma-separated subset of loop,vmap,auto; got {bad or 'nothing'}")
         if self.chunk_size and "vmap" not in self.strategies:
@@ -107,8 +106,7 @@ class BenchConfig:
                              f"folder); give a writable file path")
 
     def tiny(self) -> BenchConfig:
-        """The instance of the float64 exactness checks: at most 3 tasks and 8 channels or units
-        (maml: 16x16 images, at most 2 queries per class)."""
+        """The float64 exactness checks' instance: ≤ 3 tasks, ≤ 8 channels or units (maml: 16x16, ≤ 2 queries)."""
         smaller = {"image_size": 16, "n_query": min(self.n_query, 2)} if self.benchmark == "maml" else {}
         return replace(self, meta_batch=min(self.meta_batch, 3), hidden=min(self.hidden, 8), **smaller)
 
@@ -140,8 +138,8 @@ def make_problem(c: BenchConfig, device: torch.device, dtype: torch.dtype, seed:
         y = torch.arange(c.n_way).repeat_interleave(per_class).expand(c.meta_batch, -1)                 # (B, N·k)
         return x.to(device=device, dtype=dtype), y.to(device).contiguous()
 
-    return Problem(model, TaskBatch(*images(c.k_shot), *images(c.n_query)), F.cross_entropy, c.inner_lr,
-                   c.inner_steps)
+    tasks = TaskBatch(*images(c.k_shot), *images(c.n_query))
+    return Problem(model, tasks, F.cross_entropy, c.inner_lr, c.inner_steps)
 
 
 # ----------------------------------------------------------------------------- the implementations
@@ -151,11 +149,12 @@ Step = Callable[[], object]
 Build = Callable[[Problem, bool], Step]
 
 
-def reference_meta_loss(p: Problem, first_order: bool, backward: bool) -> Tensor:
+def reference_meta_loss(p: Problem, first_order: bool, backward: bool,
+                        params: dict[str, Tensor] | None = None) -> Tensor:
     """The reference, written without mlcore.inner: per task, ``inner_steps`` of manual SGD with
-    ``autograd.grad`` (``create_graph`` for second order), then the query loss ℓ_i; with ``backward``,
-    ``(ℓ_i / B).backward()`` task by task. Returns (1/B) Σ_i ℓ_i, detached."""
-    names, weights = zip(*p.model.named_parameters())
+    ``autograd.grad`` (``create_graph`` for second order) from θ = ``params`` (default: the model's), then the
+    query loss ℓ_i; with ``backward``, ``(ℓ_i / B).backward()`` task by task. Returns (1/B) Σ_i ℓ_i, detached."""
+    names, weights = zip(*(params or dict(p.model.named_parameters())).items())
     t, total = p.tasks, torch.zeros((), device=p.tasks.x_query.device, dtype=p.tasks.x_query.dtype)
     for i in range(t.meta_batch):
         fast = list(weights)
@@ -182,8 +181,7 @@ def reference_step(p: Problem, first_order: bool) -> Step:
 
 def higher_step(p: Problem, first_order: bool) -> Step:
     import higher  # optional: Method(optional=True) turns an ImportError into a row that says so
-    t = p.tasks
-    inner_opt = torch.optim.SGD(p.model.parameters(), lr=p.inner_lr)
+    t, inner_opt = p.tasks, torch.optim.SGD(p.model.parameters(), lr=p.inner_lr)
     # higher always differentiates through its steps; FOMAML is its documented grad_callback that detaches.
     detach = (lambda grads: [g.detach() for g in grads]) if first_order else None
 
@@ -200,12 +198,12 @@ def higher_step(p: Problem, first_order: bool) -> Step:
 def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = None) -> Build:
     """``meta_loss(...).backward()`` (``whole_graph``) or ``meta_backward(...)``, with ``strategy``."""
     def build(p: Problem, first_order: bool) -> Step:
-        params = dict(p.model.named_parameters())
+        args = (p.model, dict(p.model.named_parameters()), p.tasks)
         kwargs = {"loss_fn": p.loss_fn, "inner_lr": p.inner_lr, "inner_steps": p.inner_steps,
                   "first_order": first_order, "strategy": strategy, "chunk_size": chunk_size}
         if whole_graph:
-            return lambda: meta_loss(p.model, params, p.tasks, **kwargs).backward()
-        return lambda: meta_backward(p.model, params, p.tasks, **kwargs)
+            return lambda: meta_loss(*args, **kwargs).backward()
+        return lambda: meta_backward(*args, **kwargs)
     return build
 
 
@@ -232,10 +230,7 @@ def with_torch_batchnorm(model: nn.Module) -> nn.Module:
     for name, module in list(clone.named_modules()):
         if isinstance(module, BatchStatNorm2d):
             bn = nn.BatchNorm2d(module.weight.shape[0], eps=module.eps, track_running_stats=False)
-            bn = bn.to(device=module.weight.device, dtype=module.weight.dtype)
-            with torch.no_grad():  # building the benchmark's model, outside any differentiated path
-                bn.weight.copy_(module.weight)
-                bn.bias.copy_(module.bias)
+            bn.to(device=module.weight.device, dtype=module.weight.dtype).load_state_dict(module.state_dict())
             parent_name, _, child = name.rpartition(".")
             setattr(clone.get_submodule(parent_name), child, bn)
     return clone
@@ -256,35 +251,31 @@ def methods(c: BenchConfig, model: nn.Module, device: torch.device) -> list[Meth
     """The rows of one order, in table order; the first (the per-task loop) is the reference."""
     rows = [Method("per-task autograd loop", reference_step),
             Method("higher 0.2.1 innerloop_ctx", higher_step, optional=True, note="pip install higher==0.2.1")]
-    for s in c.strategies:
+    for s in c.strategies:  # in the order given
         if s == "loop":
-            rows += [Method("mlcore loop, meta_backward", mlcore_step("loop", whole_graph=False),
+            rows += [Method("mlcore loop, meta_backward", mlcore_step(s, whole_graph=False),
                             note="one task's graph at a time"),
-                     Method("mlcore loop, whole graph", mlcore_step("loop", whole_graph=True),
+                     Method("mlcore loop, whole graph", mlcore_step(s, whole_graph=True),
                             note="meta_loss(...).backward()")]
         elif s == "vmap":
-            rows.append(Method("mlcore vmap, whole graph", mlcore_step("vmap", whole_graph=True),
+            rows.append(Method("mlcore vmap, whole graph", mlcore_step(s, whole_graph=True),
                                note="one vmap over all tasks"))
             if c.chunk_size:
                 rows.append(Method(f"mlcore vmap chunk={c.chunk_size}, meta_backward",
-                                   mlcore_step("vmap", whole_graph=False, chunk_size=c.chunk_size)))
+                                   mlcore_step(s, whole_graph=False, chunk_size=c.chunk_size)))
         else:
-            rows.append(Method(f"mlcore auto (-> {resolve_strategy('auto', model, device)}), meta_backward",
-                               mlcore_step("auto", whole_graph=False), note="what train_step runs"))
-    torch_bn = c.benchmark == "maml" and c.norm == "batch"
-    rows.append(Method("torch.func.vmap recipe" + (", nn.BatchNorm2d" if torch_bn else ""), functorch_recipe_step,
-                       torch_batchnorm=torch_bn, note="naive fast version" if torch_bn else "independent vmap implementation"))
+            rows.append(Method(f"mlcore auto (-> {resolve_strategy(s, model, device)}), meta_backward",
+                               mlcore_step(s, whole_graph=False), note="what train_step runs"))
+    bn = c.benchmark == "maml" and c.norm == "batch"
+    rows.append(Method("torch.func.vmap recipe" + (", nn.BatchNorm2d" if bn else ""), functorch_recipe_step,
+                       torch_batchnorm=bn, note="naive fast version" if bn else "independent vmap implementation"))
     return rows
 
 
 # ----------------------------------------------------------------------------- checking
 def fresh(model: nn.Module, step: Step) -> Step:
     """``step`` from gradients set to None, as after ``optimizer.zero_grad()``."""
-    def run() -> None:
-        for w in model.parameters():
-            w.grad = None
-        step()
-    return run
+    return lambda: (model.zero_grad(set_to_none=True), step())
 
 
 def meta_gradient(step: Step, model: nn.Module) -> dict[str, Tensor]:
@@ -308,50 +299,17 @@ def relative_error(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> fl
 def finite_difference_check(p: Problem, reference: dict[str, Tensor], directions: int = 3) -> float:
     """max relative error of ⟨reference, v⟩ against the central difference (f(θ + εv) − f(θ − εv)) / 2ε
     of the second-order meta-loss f, over random directions v (use float64)."""
-    names, weights = zip(*p.model.named_parameters())
-    g = torch.Generator().manual_seed(0)
+    params, g = dict(p.model.named_parameters()), torch.Generator().manual_seed(0)
     worst, eps = 0.0, 1e-7  # small: ReLU and max-pool kinks lie within 1e-5 of these random weights
     for _ in range(directions):
-        v = [torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device) for w in weights]
-        analytic = sum(float((reference[n] * d).sum()) for n, d in zip(names, v, strict=True))
-        values = []
-        for sign in (1, -1):
-            with torch.no_grad():  # perturb the weights in place for the finite difference, then undo
-                for w, d in zip(weights, v, strict=True):
-                    w.add_(sign * eps * d)
-            values.append(reference_meta_loss(p, first_order=False, backward=False).item())
-            with torch.no_grad():
-                for w, d in zip(weights, v, strict=True):
-                    w.sub_(sign * eps * d)
-        numeric = (values[0] - values[1]) / (2 * eps)
+        v = {n: torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device) for n, w in params.items()}
+        analytic = sum(float((reference[n] * d).sum()) for n, d in v.items())
+        f = [reference_meta_loss(p, first_order=False, backward=False,
+                                 params={n: w + sign * eps * v[n] for n, w in params.items()}).item()
+             for sign in (1, -1)]
+        numeric = (f[0] - f[1]) / (2 * eps)
         worst = max(worst, abs(analytic - numeric) / max(abs(numeric), 1e-12))
     return worst
-
-
-@contextlib.contextmanager
-def exact_matmuls(device: torch.device) -> Iterator[None]:
-    """Turn TF32 off on CUDA (cuDNN uses it for convolutions by default) for the gradient checks."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` inside, restored after (``None``: unchanged)."""
-    saved = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -373,8 +331,7 @@ class Row:
 
 def run(c: BenchConfig) -> dict:
     """Check every row's meta-gradient, then time all rows interleaved; print and return the report."""
-    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if c.device == "auto" else c.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     slow = c.benchmark == "maml" and device.type == "cpu"   # seconds per second-order step
     repeats, warmup = c.repeats or (3 if slow else 20), c.warmup if c.warmup is not None else (0 if slow else 3)
     with num_threads(c.threads):
@@ -383,8 +340,7 @@ def run(c: BenchConfig) -> dict:
         header = describe(c, problem, device, repeats, warmup)
         for line in header["lines"]:
             _log(line)
-        bn = (replace(problem, model=with_torch_batchnorm(problem.model)),
-              replace(tiny, model=with_torch_batchnorm(tiny.model)))
+        bn = tuple(replace(q, model=with_torch_batchnorm(q.model)) for q in (problem, tiny))
 
         # Phase 1, row by row: the gradient checks (float64 tiny, then this size); the second is also
         # the row's first, untimed, step. The floor has no gradient to check: one untimed call stands in.
@@ -441,51 +397,37 @@ def run(c: BenchConfig) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m mlcore.bench ARGV`` in this process (:func:`mlcore.cli.bench_config`); returns the report."""
+    from .cli import bench_config
+    return run(bench_config(argv))
+
+
 # ----------------------------------------------------------------------------- the report
 def _n_examples(tasks: TaskBatch) -> int:
     return tasks.meta_batch * (tasks.x_support.shape[1] + tasks.x_query.shape[1])
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"CUDA: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical CPUs{load})"
-
-
 def describe(c: BenchConfig, p: Problem, device: torch.device, repeats: int, warmup: int) -> dict:
     """The report's header: what was measured, where and how, one line per item."""
-    t, tiny, cuda = p.tasks, c.tiny(), device.type == "cuda"
-    n_params = sum(w.numel() for w in p.model.parameters())
-    if c.benchmark == "maml":
-        data = (f"SYNTHETIC data: random images U[0,1) of 1x{c.image_size}x{c.image_size} (Omniglot size), "
-                f"labels 0..{c.n_way - 1}: timing only, nothing learns")
-        task = f"{c.n_way}-way {c.k_shot}-shot, {c.n_query} query/class"
-        model = f"Conv4(hidden={c.hidden}, norm={c.norm!r}), {n_params:,} parameters"
-        tiny_desc = f"meta_batch={tiny.meta_batch}, hidden={tiny.hidden}, 16x16 images, {tiny.n_query} query"
-    else:
-        data = "sine regression tasks (Finn et al. 2017), x ~ U[-5, 5]"
-        task = f"{c.k_shot} support, {c.n_query} query points"
-        model = f"MLP(1, {(c.hidden,) * c.layers}, 1), {n_params:,} parameters"
-        tiny_desc = f"meta_batch={tiny.meta_batch}, hidden={tiny.hidden}"
+    t, tiny, cuda, maml = p.tasks, c.tiny(), device.type == "cuda", c.benchmark == "maml"
+    data = (f"SYNTHETIC data: random images U[0,1) of 1x{c.image_size}x{c.image_size} (Omniglot size), labels "
+            f"0..{c.n_way - 1}: timing only, nothing learns" if maml else
+            "sine regression tasks (Finn et al. 2017), x ~ U[-5, 5]")
+    task = f"{c.n_way}-way {c.k_shot}-shot, {c.n_query} query/class" if maml else \
+        f"{c.k_shot} support, {c.n_query} query points"
+    model = f"Conv4(hidden={c.hidden}, norm={c.norm!r})" if maml else f"MLP(1, {(c.hidden,) * c.layers}, 1)"
+    tiny_desc = f"meta_batch={tiny.meta_batch}, hidden={tiny.hidden}" + (
+        f", 16x16 images, {tiny.n_query} query" if maml else "")
     tf32 = f" | TF32 conv={torch.backends.cudnn.allow_tf32} matmul={torch.backends.cuda.matmul.allow_tf32}"
-    memory = ("torch.cuda.max_memory_allocated above the allocation before it" if cuda else
-              "peak resident set size (VmHWM of /proc/self/status, reset via /proc/self/clear_refs after "
-              "malloc_trim) above the RSS before it: tensors plus allocator slack")
     lines = [
         f"mlcore.bench {c.benchmark}: one meta-gradient step (forward + backward, no optimiser step), side by side",
         f"device: {describe_device(device)} | torch {torch.__version__} | {c.dtype}{tf32 if cuda else ''}",
         data,
         (f"tasks: meta_batch={t.meta_batch}, {task} -> {_n_examples(t)} examples per step; "
          f"inner_steps={p.inner_steps}, inner_lr={p.inner_lr}"),
-        f"model: {model}",
-        (f"time: median (min-max) of {repeats} timed steps per row, rows interleaved round by round, after the "
-         f"untimed gradient-check step, {warmup} warm-up round(s) and the memory step"
-         + ("; torch.cuda.synchronize around each step" if cuda else "")),
-        f"memory: of one untimed step per row: {memory}",
+        f"model: {model}, {sum(w.numel() for w in p.model.parameters()):,} parameters",
+        *describe_measure(device, repeats, warmup, before="the untimed gradient-check step, "),
         ("columns: 'x floor' = median / the floor's median; 'vs loop' = the per-task loop's median / this median "
          "(> 1: faster than the per-task loop of the same order)"),
         (f"grad err: max over parameter tensors n of |g_n - r_n| / max(|r_n|, 1e-3 |r|) (2-norms; the floor is for "
@@ -497,108 +439,27 @@ def describe(c: BenchConfig, p: Problem, device: torch.device, repeats: int, war
             "dtype": str(getattr(torch, c.dtype)), "repeats": repeats, "warmup": warmup, "args": asdict(c)}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, spec)
-
-
 def format_report(report: dict) -> str:
-    head = ("method", "order", "median ms", "(min-max)", "peak MB", "x floor", "vs loop", "grad err",
-            "f64 tiny", "verdict")
+    """The header's lines, then one table row per method and order (a blank line between the orders)."""
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None or math.isnan(value) else format(value, spec)
+
     table = []
     for r in report["rows"]:
         ms = ".2f" if (r["median_ms"] or 0) < 100 else ".0f"
-        spread = f"({_fmt(r['min_ms'], ms)}-{_fmt(r['max_ms'], ms)})" if r["min_ms"] is not None else ""
-        table.append((r["method"], r["order"], _fmt(r["median_ms"], ms), spread, _fmt(r["peak_mb"], ".0f"),
-                      _fmt(r["x_floor"], ".1f"), _fmt(r["speedup_vs_loop"], ".2f"), _fmt(r["grad_err"], ".1e"),
-                      _fmt(r["grad_err_f64"], ".1e"), r["verdict"] + (f"  {r['note']}" if r["note"] else "")))
-    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head) - 1)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        parts = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-        parts += [cell.rjust(w) for cell, w in zip(cells[2:-1], widths[2:], strict=True)]
-        return "  ".join(parts + [cells[-1]]).rstrip()
-
-    rule = "-" * len(line(head))
-    lines = [*report["header"]["lines"], rule, line(head), rule]
-    for i, row in enumerate(table):
-        if i > 0 and row[1] != table[i - 1][1]:
-            lines.append("")   # a blank line between the orders
-        lines.append(line(row))
-    return "\n".join([*lines, rule])
+        spread = f"({cell(r['min_ms'], ms)}-{cell(r['max_ms'], ms)})" if r["min_ms"] is not None else ""
+        table.append((r["method"], r["order"], cell(r["median_ms"], ms), spread, cell(r["peak_mb"], ".0f"),
+                      cell(r["x_floor"], ".1f"), cell(r["speedup_vs_loop"], ".2f"), cell(r["grad_err"], ".1e"),
+                      cell(r["grad_err_f64"], ".1e"), r["verdict"] + (f"  {r['note']}" if r["note"] else "")))
+    head = ("method", "order", "median ms", "(min-max)", "peak MB", "x floor", "vs loop", "grad err", "f64 tiny",
+            "verdict")
+    return "\n".join([*report["header"]["lines"], format_table(head, table, left=2, group=1)])
 
 
 def _log(message: str) -> None:
     print(f"[mlcore.bench] {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- command line
-def _integer(low: int) -> Callable[[str], int]:
-    what = "a positive integer" if low == 1 else "a non-negative integer"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlcore.bench", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    positive, non_negative = _integer(1), _integer(0)
-    for name, help_ in (("maml", "Conv4 on Omniglot-size images (random data)"),
-                        ("sine", "the sine-regression MLP of Finn et al. 2017")):
-        maml, defaults = name == "maml", DEFAULTS[name]
-        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--threads", type=positive, default=None,
-                       help="torch.set_num_threads for this run (default: torch's choice)")
-        p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-        p.add_argument("--meta-batch", type=positive, default=defaults["meta_batch"])
-        p.add_argument("--k-shot", type=positive, default=defaults["k_shot"],
-                       help="support examples per class" if maml else "support points per task")
-        p.add_argument("--n-query", type=positive, default=defaults["n_query"],
-                       help="query examples per class" if maml else "query points per task")
-        p.add_argument("--inner-steps", type=positive, default=1)
-        p.add_argument("--inner-lr", type=float, default=defaults["inner_lr"])
-        p.add_argument("--hidden", type=positive, default=defaults["hidden"],
-                       help="channels of every conv layer" if maml else "width of every hidden layer")
-        if maml:
-            p.add_argument("--n-way", type=positive, default=5)
-            p.add_argument("--image-size", type=positive, default=28)
-            p.add_argument("--norm", choices=NORMS, default="batch")
-        else:
-            p.add_argument("--layers", type=positive, default=2, help="hidden layers")
-        p.add_argument("--repeats", type=positive, default=None,
-                       help="timed steps per row (default: maml on a CPU 3, otherwise 20)")
-        p.add_argument("--warmup", type=non_negative, default=None,
-                       help="untimed warm-up rounds (default: maml on a CPU 0, otherwise 3)")
-        p.add_argument("--strategies", default="loop,vmap,auto",
-                       help="comma-separated mlcore strategies")
-        p.add_argument("--chunk-size", type=positive, default=None,
-                       help="add an 'mlcore vmap chunk=N, meta_backward' row")
-        p.add_argument("--no-first-order", action="store_true", help="time second-order MAML only")
-        p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (default: sys.argv[1:]) into a :class:`BenchConfig`, run it; return the report."""
-    parser = build_parser()
-    options = vars(parser.parse_args(argv))
-    options["strategies"] = tuple(s.strip() for s in options["strategies"].split(",") if s.strip())
-    options["json"] = options["json"] and str(Path(options["json"]).expanduser())
-    try:
-        config = BenchConfig(**options)
-    except ValueError as error:
-        parser.error(str(error))
-    return run(config)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlcore.bench maml|sine …  (see mlcore.cli)
+    from mlcore.cli import bench_main
+    sys.exit(bench_main())

@@ -1,4 +1,4 @@
-"""Command lines for training and evaluating at a preset's scale.
+"""Command lines for training and evaluating at a preset's scale, and for the side-by-side benchmark.
 
     python -m mlcore.train --list                                   # the presets and their sources
     python -m mlcore.train protonet-omniglot-1shot --out runs/pn1 --threads 1
@@ -6,10 +6,11 @@
     python -m mlcore.evaluate runs/pn1                              # the preset's test protocol
     python -m mlcore.evaluate runs/pn1 --n-way 20                   # the same model tested 20-way
     python -m mlcore.evaluate --summary results                     # every record, seeds pooled
+    python -m mlcore.bench maml --threads 1                         # meta-gradient steps side by side
 
-``mlcore train …`` and ``mlcore evaluate …`` are the same commands. Running ``train`` again with the
-same ``--out`` resumes from the last checkpoint (exactly: same weights, episodes and history as an
-uninterrupted run); ``--steps`` larger than before continues a finished run.
+``mlcore train …``, ``mlcore evaluate …`` and ``mlcore bench …`` are the same commands. Running ``train``
+again with the same ``--out`` resumes from the last checkpoint (exactly: same weights, episodes and
+history as an uninterrupted run); ``--steps`` larger than before continues a finished run.
 """
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ import argparse
 import math
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .presets import PRESETS, Config, get_preset, preset_table
 
-__all__ = ["train_main", "evaluate_main"]
+if TYPE_CHECKING:
+    from .bench import BenchConfig
+
+__all__ = ["train_main", "evaluate_main", "bench_main"]
 
 
 def _device(text: str) -> torch.device:
@@ -204,4 +210,80 @@ def _print_summary(root: Path) -> int:
         print(f"{s.preset:32s} {way:6s} q{p['n_query']:<3d} x{p['episodes']:<5d} "
               f"{'trans.' if p['transductive'] else 'non-tr.'}  {scale * s.mean:7.2f} {seeds}"
               f"± {scale * s.ci95_episodes:.2f} over episodes; steps {list(s.steps)}")
+    return 0
+
+
+def _integer(low: int) -> Callable[[str], int]:
+    what = "a positive integer" if low == 1 else "a non-negative integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    from . import bench  # imported here: train and evaluate should not pay for it
+    from .models import NORMS
+    parser = argparse.ArgumentParser(prog="python -m mlcore.bench", description=bench.__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    positive, non_negative = _integer(1), _integer(0)
+    for name, help_ in (("maml", "Conv4 on Omniglot-size images (random data)"),
+                        ("sine", "the sine-regression MLP of Finn et al. 2017")):
+        maml, defaults = name == "maml", bench.DEFAULTS[name]
+        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--threads", type=positive, default=None,
+                       help="torch.set_num_threads for this run (default: torch's choice)")
+        p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+        p.add_argument("--meta-batch", type=positive, default=defaults["meta_batch"])
+        p.add_argument("--k-shot", type=positive, default=defaults["k_shot"],
+                       help="support examples per class" if maml else "support points per task")
+        p.add_argument("--n-query", type=positive, default=defaults["n_query"],
+                       help="query examples per class" if maml else "query points per task")
+        p.add_argument("--inner-steps", type=positive, default=1)
+        p.add_argument("--inner-lr", type=float, default=defaults["inner_lr"])
+        p.add_argument("--hidden", type=positive, default=defaults["hidden"],
+                       help="channels of every conv layer" if maml else "width of every hidden layer")
+        if maml:
+            p.add_argument("--n-way", type=positive, default=5)
+            p.add_argument("--image-size", type=positive, default=28)
+            p.add_argument("--norm", choices=NORMS, default="batch")
+        else:
+            p.add_argument("--layers", type=positive, default=2, help="hidden layers")
+        p.add_argument("--repeats", type=positive, default=None,
+                       help="timed steps per row (default: maml on a CPU 3, otherwise 20)")
+        p.add_argument("--warmup", type=non_negative, default=None,
+                       help="untimed warm-up rounds (default: maml on a CPU 0, otherwise 3)")
+        p.add_argument("--strategies", default=",".join(bench.STRATEGIES), help="comma-separated mlcore strategies")
+        p.add_argument("--chunk-size", type=positive, default=None,
+                       help="add an 'mlcore vmap chunk=N, meta_backward' row")
+        p.add_argument("--no-first-order", action="store_true", help="time second-order MAML only")
+        p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    return parser
+
+
+def bench_config(argv: list[str] | None = None) -> BenchConfig:
+    """Parse ``argv`` (default: sys.argv[1:]) into a :class:`mlcore.bench.BenchConfig`; a value it
+    refuses is a usage error (exit status 2), like a malformed option."""
+    from .bench import BenchConfig
+    parser = bench_parser()
+    options = vars(parser.parse_args(argv))
+    options["strategies"] = tuple(s.strip() for s in options["strategies"].split(",") if s.strip())
+    options["json"] = options["json"] and str(Path(options["json"]).expanduser())
+    try:
+        return BenchConfig(**options)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    from .bench import run
+    run(bench_config(argv))
     return 0
