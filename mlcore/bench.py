@@ -25,27 +25,27 @@ torch.func.vmap recipe             the functorch MAML recipe (``vmap`` over ``gr
 
 The inputs are random (timing only: nothing learns). A script (STYLE principle 11), not a timed test;
 ``tests/test_bench.py`` runs it at toy size to check its rows and its gradient checks. Its options are
-:func:`mlcore.cli.bench_main`'s; the timing harness is :func:`mlcore.timing.measure`.
+:func:`mlcore.cli.bench_main`'s; the timing harness is :func:`mlcore.timing.measure`; the implementations
+mlcore is compared with are in :mod:`mlcore.baselines`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from .inner import LossFn, resolve_strategy
+from .baselines import (Build, Problem, Step, floor_step, functorch_recipe_step, higher_step, reference_meta_loss,
+                        reference_step, with_torch_batchnorm)
+from .inner import resolve_strategy
 from .maml import meta_backward, meta_loss
-from .models import MLP, NORMS, BatchStatNorm2d, Conv4
+from .models import MLP, NORMS, Conv4
 from .tasks import SineTasks, TaskBatch
 from .timing import describe_device, describe_measure, exact_matmuls, format_table, measure, num_threads
 
@@ -111,17 +111,7 @@ class BenchConfig:
         return replace(self, meta_batch=min(self.meta_batch, 3), hidden=min(self.hidden, 8), **smaller)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One benchmark instance: a network, a meta-batch of tasks and the inner-loop settings."""
-
-    model: nn.Module
-    tasks: TaskBatch
-    loss_fn: LossFn
-    inner_lr: float
-    inner_steps: int
-
-
+# ----------------------------------------------------------------------------- the problem and the rows
 def make_problem(c: BenchConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Problem:
     """The network and random tasks of ``c``; ``seed`` draws both (the weights from torch's global generator,
     which ``nn.Module`` initialisers use, the data from its own)."""
@@ -142,59 +132,6 @@ def make_problem(c: BenchConfig, device: torch.device, dtype: torch.dtype, seed:
     return Problem(model, tasks, F.cross_entropy, c.inner_lr, c.inner_steps)
 
 
-# ----------------------------------------------------------------------------- the implementations
-# A builder takes (problem, first_order) and returns a zero-argument step that accumulates the
-# meta-gradient (of the mean over tasks of the query loss) into .grad of the problem's model.
-Step = Callable[[], object]
-Build = Callable[[Problem, bool], Step]
-
-
-def reference_meta_loss(p: Problem, first_order: bool, backward: bool,
-                        params: dict[str, Tensor] | None = None) -> Tensor:
-    """The reference, written without mlcore.inner: per task, ``inner_steps`` of manual SGD with
-    ``autograd.grad`` (``create_graph`` for second order) from θ = ``params`` (default: the model's), then the
-    query loss ℓ_i; with ``backward``, ``(ℓ_i / B).backward()`` task by task. Returns (1/B) Σ_i ℓ_i, detached."""
-    names, weights = zip(*(params or dict(p.model.named_parameters())).items())
-    t, total = p.tasks, torch.zeros((), device=p.tasks.x_query.device, dtype=p.tasks.x_query.dtype)
-    for i in range(t.meta_batch):
-        fast = list(weights)
-        for _ in range(p.inner_steps):
-            loss = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_support[i],)), t.y_support[i])
-            grads = torch.autograd.grad(loss, fast, create_graph=backward and not first_order)
-            fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]   # θ_{k+1} = θ_k − α ∇L
-        query = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_query[i],)), t.y_query[i]) / t.meta_batch
-        if backward:
-            query.backward()   # frees this task's graph before the next task
-        total = total + query.detach()
-    return total
-
-
-def floor_step(p: Problem, first_order: bool) -> Step:
-    x = torch.cat([p.tasks.x_support, p.tasks.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
-    y = torch.cat([p.tasks.y_support, p.tasks.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
-    return lambda: p.loss_fn(p.model(x), y).backward()
-
-
-def reference_step(p: Problem, first_order: bool) -> Step:
-    return lambda: reference_meta_loss(p, first_order, backward=True)
-
-
-def higher_step(p: Problem, first_order: bool) -> Step:
-    import higher  # optional: Method(optional=True) turns an ImportError into a row that says so
-    t, inner_opt = p.tasks, torch.optim.SGD(p.model.parameters(), lr=p.inner_lr)
-    # higher always differentiates through its steps; FOMAML is its documented grad_callback that detaches.
-    detach = (lambda grads: [g.detach() for g in grads]) if first_order else None
-
-    def step() -> None:
-        for i in range(t.meta_batch):
-            # copy_initial_weights=False: with higher's default (True) no meta-gradient reaches the model.
-            with higher.innerloop_ctx(p.model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(p.inner_steps):
-                    diffopt.step(p.loss_fn(fmodel(t.x_support[i]), t.y_support[i]), grad_callback=detach)
-                (p.loss_fn(fmodel(t.x_query[i]), t.y_query[i]) / t.meta_batch).backward()
-    return step
-
-
 def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = None) -> Build:
     """``meta_loss(...).backward()`` (``whole_graph``) or ``meta_backward(...)``, with ``strategy``."""
     def build(p: Problem, first_order: bool) -> Step:
@@ -205,35 +142,6 @@ def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = No
             return lambda: meta_loss(*args, **kwargs).backward()
         return lambda: meta_backward(*args, **kwargs)
     return build
-
-
-def functorch_recipe_step(p: Problem, first_order: bool) -> Step:
-    """The functorch MAML example's pattern, written independently of mlcore.inner."""
-    params, t = dict(p.model.named_parameters()), p.tasks
-
-    def task_query_loss(theta: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        for _ in range(p.inner_steps):
-            grads = torch.func.grad(lambda th: p.loss_fn(functional_call(p.model, th, (xs,)), ys))(theta)
-            if first_order:
-                grads = {n: g.detach() for n, g in grads.items()}
-            theta = {n: theta[n] - p.inner_lr * grads[n] for n in theta}
-        return p.loss_fn(functional_call(p.model, theta, (xq,)), yq)
-
-    batched = torch.func.vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))
-    return lambda: batched(params, t.x_support, t.y_support, t.x_query, t.y_query).mean().backward()
-
-
-def with_torch_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose BatchStatNorm2d layers are ``nn.BatchNorm2d(track_running_stats=False)``
-    with the same scale and shift: the same function, as ``replace_all_batch_norm_modules_`` leaves it."""
-    clone = copy.deepcopy(model)  # a separate benchmark model; no gradient flows between the copies
-    for name, module in list(clone.named_modules()):
-        if isinstance(module, BatchStatNorm2d):
-            bn = nn.BatchNorm2d(module.weight.shape[0], eps=module.eps, track_running_stats=False)
-            bn.to(device=module.weight.device, dtype=module.weight.dtype).load_state_dict(module.state_dict())
-            parent_name, _, child = name.rpartition(".")
-            setattr(clone.get_submodule(parent_name), child, bn)
-    return clone
 
 
 @dataclass(frozen=True)
