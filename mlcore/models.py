@@ -81,6 +81,13 @@ class MLP(BodyHead):
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
+        self.in_features = in_features
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"MLP expects inputs of shape (N, {self.in_features}), got "
+                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}; a regression input of one "
+                             f"feature needs its last dimension: x.unsqueeze(-1)")
 
 
 class BatchStatNorm2d(nn.Module):

@@ -101,3 +101,12 @@ def test_a_loss_fn_that_returns_a_python_number_is_named():
     with pytest.raises(TypeError, match=r"loss_fn must return a scalar tensor.*got a float"):
         maml.meta_loss(model, params, tasks, loss_fn=lambda o, y: F.mse_loss(o, y).item(), inner_lr=0.1,
                        inner_steps=1, strategy="loop")
+
+
+def test_an_mlp_given_inputs_of_the_wrong_width_says_so():
+    model, params, _ = sine()
+    with pytest.raises(ValueError, match=r"MLP expects inputs of shape \(N, 1\), got \(5, 3\)"):
+        model(torch.zeros(5, 3))
+    bad = TaskBatch(torch.zeros(2, 5), torch.zeros(2, 5, 1), torch.zeros(2, 5), torch.zeros(2, 5, 1))
+    with pytest.raises(ValueError, match=r"MLP expects inputs of shape \(N, 1\).*unsqueeze"):
+        maml.meta_loss(model, params, bad, loss_fn=F.mse_loss, inner_lr=0.1, inner_steps=1, strategy="loop")
