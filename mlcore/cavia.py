@@ -13,8 +13,10 @@ the chapter plots against the task's true parameters. The meta-gradient w.r.t. �
 order: φ_i depends on θ through ∇_φ L, and the shared inner loop (:mod:`mlcore.inner`) differentiates
 through it, adapting the context and nothing else (``adapt`` = the context's name).
 
-How the context enters the network: concatenated to the input (the paper's regression networks),
-:class:`ContextMLP`; FiLM layers for convolutional networks are the paper's choice for images.
+How the context enters the network, as in the authors' released code (github.com/lmzintgraf/cavia):
+concatenated to the input for regression (:class:`ContextMLP`); for images a FiLM layer,
+γ, β = split(W φ + b) and h ← γ ⊙ h + β per channel, on the third convolutional block's output (after
+batch norm and pooling, before the ReLU; 100 context parameters), :class:`ContextConv4`.
 
 Notation:
 
@@ -35,14 +37,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, family, maml
 from .family import MetaStep, Step
 from .inner import InnerLR, LossFn, trajectory
+from .models import BatchStatNorm2d
 from .tasks import TaskBatch
 
-__all__ = ["ContextMLP", "CONTEXT", "context_names", "meta_parameters", "meta_loss", "meta_backward", "train_step",
+__all__ = ["ContextMLP", "ContextConv4", "CONTEXT", "context_names", "meta_parameters", "meta_loss", "meta_backward", "train_step",
            "predict", "adapt_context"]
 
 CONTEXT = "context"
@@ -78,6 +82,51 @@ class ContextMLP(nn.Module):
             raise ValueError(f"ContextMLP expects inputs of shape (N, in_features), got {tuple(x.shape)}")
         phi = self.context.expand(x.shape[0], -1)                      # (N, context_dim)
         return self.head(self.body(torch.cat([x, phi], dim=-1)))
+
+
+class ContextConv4(nn.Module):
+    """The 4-block conv net (3×3 conv → batch statistics → 2×2 max-pool → ReLU) with a FiLM layer on block
+    ``film_block`` (0-based; the authors' default, 2, is the third): there the pooled, normalised feature
+    map h becomes γ ⊙ h + β before the ReLU, with (γ, β) = ``film``(φ) per channel.
+
+    ``context`` is φ_0 = 0 (``context_dim`` zeros, never trained). Shapes: x (N, in_channels, image_size,
+    image_size) → logits (N, n_way). Batch statistics as ``Conv4(norm="batch")``: exact under vmap.
+    """
+
+    def __init__(self, in_channels: int = 1, n_way: int = 5, hidden: int = 32, context_dim: int = 100,
+                 film_block: int = 2, image_size: int = 28) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("n_way", n_way), ("hidden", hidden),
+                            ("context_dim", context_dim), ("image_size", image_size)):
+            checks.positive_int(name, value, "ContextConv4")
+        if isinstance(film_block, bool) or film_block not in range(4):
+            raise ValueError(f"ContextConv4: film_block is the index 0..3 of the conv block FiLM modulates, got "
+                             f"{film_block!r}")
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side == 0:
+            raise ValueError(f"ContextConv4: image_size={image_size} is too small for four 2x2 poolings (need >= 16)")
+        self.context = nn.Parameter(torch.zeros(context_dim))
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1)
+                                   for i in range(4))
+        self.norms = nn.ModuleList(BatchStatNorm2d(hidden) for _ in range(4))
+        self.film = nn.Linear(context_dim, 2 * hidden)
+        self.head = nn.Linear(hidden * side * side, n_way)
+        self.film_block, self.in_channels, self.image_size = film_block, in_channels, image_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"ContextConv4 expects images of shape (N, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}")
+        h = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            h = F.max_pool2d(norm(conv(h)), 2)
+            if i == self.film_block:
+                gamma, beta = self.film(self.context).chunk(2)              # (hidden,) each
+                h = gamma[None, :, None, None] * h + beta[None, :, None, None]
+            h = F.relu(h)
+        return self.head(h.flatten(1))
 
 
 def context_names(params: Mapping[str, Tensor]) -> tuple[str, ...]:

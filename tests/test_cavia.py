@@ -120,3 +120,34 @@ def test_cavia_answers_the_family_contract():
     step = cavia.train_step(model, params, torch.optim.SGD(cavia.meta_parameters(params).values(), lr=0.0), tasks,
                             **kw)
     assert isinstance(step, family.Step) and step.accuracy is None
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_film_conv_meta_gradient_matches_finite_differences(strategy):
+    from oracles import image_tasks
+    torch.manual_seed(0)
+    model = cavia.ContextConv4(1, 3, hidden=4, context_dim=5, image_size=16).double()
+    params = leaf_params(model)
+    with torch.no_grad():
+        params["context"].copy_(torch.linspace(-0.2, 0.3, 5, dtype=F64))
+    tasks = image_tasks(meta_batch=2, n_way=3, k_shot=1, n_query=2, size=16)
+    names = list(params)
+
+    def f(ts):
+        return cavia.meta_loss(model, dict(zip(names, ts, strict=True)), tasks, loss_fn=F.cross_entropy, inner_lr=0.5,
+                               inner_steps=2, strategy=strategy)
+    assert directional_fd_error(f, list(params.values()), torch.Generator().manual_seed(1)) < FD_TOL
+
+
+def test_film_modulates_the_chosen_block_only_through_the_context():
+    torch.manual_seed(0)
+    model = cavia.ContextConv4(1, 3, hidden=4, context_dim=5, image_size=16).double()
+    x = torch.rand(6, 1, 16, 16, dtype=F64)
+    base = model(x)
+    with torch.no_grad():
+        model.context.fill_(0.5)
+    assert not torch.allclose(model(x), base)                                     # the context changes the output
+    with pytest.raises(ValueError, match="film_block is the index 0..3"):
+        cavia.ContextConv4(film_block=4)
+    with pytest.raises(ValueError, match=r"ContextConv4 expects images of shape \(N, 1, 28, 28\)"):
+        cavia.ContextConv4()(torch.zeros(2, 3, 28, 28))
