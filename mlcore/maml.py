@@ -47,12 +47,14 @@ __all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "pr
 
 def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
           inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
-          check_finite: bool = True) -> dict[str, Tensor]:
+          check_finite: bool = True, vmapped: bool = False) -> dict[str, Tensor]:
     """Adapt θ to ONE task's support set (x (n, ...), y (n, ...)); return θ_K as a new dict.
 
     ``params`` is untouched (no in-place update). The result is differentiable w.r.t. ``params``
     unless ``first_order``; under ``torch.no_grad()`` adaptation still works (for evaluation).
     Raises :class:`~mlcore.inner.InnerLoopDivergedError` if θ_K is not finite (``check_finite``).
+    Inside ``torch.func.vmap`` pass ``vmapped=True`` (and ``check_finite=False``: vmap cannot branch
+    on a value).
     """
     checks.params(model, params)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() == 0 or y.dim() == 0 \
@@ -66,7 +68,7 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     steps = checks.non_negative_int("inner_steps", inner_steps)
     rates = checks.rates(inner_lr, steps, params, list(params))
     theta = trajectory(model, params, x, y, loss_fn=loss_fn, rates=rates, first_order=first_order,
-                       vmapped=False)[-1]
+                       vmapped=vmapped)[-1]
     if check_finite:
         checks.raise_if_diverged(torch.stack([t.detach().abs().max() for t in theta.values()]),
                                  inner_lr=inner_lr, inner_steps=inner_steps, what="adapted parameters")
