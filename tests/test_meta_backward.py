@@ -248,3 +248,18 @@ def test_a_computed_tensor_hidden_in_loss_fn_is_reported_not_dropped():
         maml.meta_backward(model, params, tasks, loss_fn=make_loss_fn(), **kw)
     loss = maml.meta_loss(model, params, tasks, loss_fn=make_loss_fn(), **kw)
     assert float(torch.autograd.grad(loss, log_t)[0].abs()) > 0
+
+
+def test_adapt_inside_a_users_vmap_with_vmapped_true():
+    model, params, tasks = sine()
+    frozen = {n: p.detach() for n, p in params.items()}
+
+    def one(x, y, **flag):
+        return maml.adapt(model, frozen, x, y, loss_fn=F.mse_loss, inner_lr=0.05, inner_steps=2, check_finite=False,
+                          **flag)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="pass vmapped=True"):
+            torch.func.vmap(one)(tasks.x_support, tasks.y_support)
+        batched = torch.func.vmap(lambda x, y: one(x, y, vmapped=True))(tasks.x_support, tasks.y_support)
+        looped = one(tasks.x_support[1], tasks.y_support[1])
+    assert all(torch.allclose(batched[n][1], looped[n], atol=1e-14) for n in params)
