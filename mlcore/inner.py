@@ -99,9 +99,9 @@ def support_grad(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Te
     if vmapped:
         return torch.func.grad(loss)({n: theta[n] for n in names})
     with torch.enable_grad():   # also under an outer no_grad (evaluation)
-        # a tensor that does not require grad has no derivative to pass on: a fresh leaf stands in for it
-        leaves = {n: theta[n] if theta[n].requires_grad else theta[n].detach().requires_grad_() for n in names}
         try:
+            # a tensor that does not require grad has no derivative to pass on: a fresh leaf stands in for it
+            leaves = {n: theta[n] if theta[n].requires_grad else theta[n].detach().requires_grad_() for n in names}
             grads = torch.autograd.grad(loss(leaves), list(leaves.values()), allow_unused=True,
                                         create_graph=not first_order and torch.is_grad_enabled(),
                                         materialize_grads=True)
