@@ -10,7 +10,7 @@ packages); Omniglot comes from $MLCORE_OMNIGLOT (or is downloaded).
     python scripts/gpu_train.py "$OUT" --budget 480                # a GPU lease: 8 minutes of work
     python scripts/gpu_train.py /tmp/gpu --budget 60 --tiny        # the same script at toy size (CPU)
 
-The default order is the issue's: MAML 5-way 1-shot first (Finn et al.'s 60,000 iterations), then
+The default order is the issue's: MAML 5-way 1-shot first (the 40,000 iterations of Finn et al.'s code), then
 FOMAML, 20-way 1-shot MAML, ANIL, Meta-SGD, Reptile; ``--presets`` and ``--shares`` change it.
 """
 from __future__ import annotations

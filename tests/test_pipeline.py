@@ -44,10 +44,10 @@ def tiny_args(preset: str, out: Path, *extra: str) -> list[str]:
 # ----------------------------------------------------------------------------------------- presets
 PAPER_VALUES = {  # checked against the papers / authors' code (see mlcore.presets' docstring)
     "maml-omniglot-5w1s": dict(n_way=5, k_shot=1, n_query=1, meta_batch=32, inner_lr=0.4, inner_steps=1,
-                               steps=60_000, meta_lr=1e-3, test_inner_steps=10, test_n_query=1,
+                               steps=40_000, meta_lr=1e-3, test_inner_steps=10, test_n_query=1,
                                test_episodes=600),
     "maml-omniglot-20w1s": dict(n_way=20, k_shot=1, n_query=1, meta_batch=16, inner_lr=0.1, inner_steps=5,
-                                steps=60_000, test_inner_steps=10),
+                                steps=40_000, test_inner_steps=10),
     "fomaml-omniglot-5w1s": dict(method="fomaml", meta_batch=32, inner_lr=0.4, n_query=1),
     "protonet-omniglot-1shot": dict(n_way=60, k_shot=1, n_query=5, meta_batch=1, meta_lr=1e-3, lr_halve_every=2000,
                                     test_n_way=5, test_n_query=15, test_episodes=1000),
