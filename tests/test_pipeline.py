@@ -52,8 +52,8 @@ PAPER_VALUES = {  # checked against the papers / authors' code (see mlcore.prese
     "protonet-omniglot-1shot": dict(n_way=60, k_shot=1, n_query=5, meta_batch=1, meta_lr=1e-3, lr_halve_every=2000,
                                     test_n_way=5, test_n_query=15, test_episodes=1000),
     "protonet-omniglot-5shot": dict(n_way=60, k_shot=5, n_query=5, test_n_query=15, test_episodes=1000),
-    "reptile-omniglot-5w1s": dict(meta_batch=5, k_shot=10, inner_steps=5, inner_lr=1e-3, reptile_eps=1.0,
-                                  reptile_eps_final=0.0, steps=100_000, test_k_shot=1, test_inner_steps=50),
+    "reptile-omniglot-5w1s": dict(meta_batch=10, k_shot=15, inner_steps=3, inner_lr=1e-3, reptile_eps=1.0,
+                                  reptile_eps_final=0.0, steps=100_000, test_k_shot=1, test_inner_steps=5),
     "maml-sine-10shot": dict(dataset="sine", k_shot=10, meta_batch=25, inner_lr=0.01, steps=70_000),
 }
 
