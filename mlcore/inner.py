@@ -61,8 +61,8 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
 
     ``loss_fn(outputs, y) -> scalar`` (e.g. ``F.cross_entropy``); ``adapt``: names of the parameters
     that take inner steps (``None``: all); the others stay fixed and still carry the meta-gradient of
-    whatever depends on them. ``vmapped=True`` when called inside ``torch.func.vmap`` (or another
-    ``torch.func`` transform). Under ``torch.no_grad()`` it still adapts (for evaluation).
+    whatever depends on them. ``vmapped=True`` when called inside ``torch.func.vmap`` (autograd cannot
+    take gradients there). Under ``torch.no_grad()`` it still adapts (for evaluation).
     """
     checks.params(model, params)
     steps = checks.non_negative_int("inner_steps", inner_steps)
@@ -98,13 +98,13 @@ def support_grad(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Te
 
     if vmapped:
         return torch.func.grad(loss)({n: theta[n] for n in names})
+    create_graph = not first_order and torch.is_grad_enabled()   # under no_grad nothing differentiates later
     with torch.enable_grad():   # also under an outer no_grad (evaluation)
         try:
             # a tensor that does not require grad has no derivative to pass on: a fresh leaf stands in for it
             leaves = {n: theta[n] if theta[n].requires_grad else theta[n].detach().requires_grad_() for n in names}
             grads = torch.autograd.grad(loss(leaves), list(leaves.values()), allow_unused=True,
-                                        create_graph=not first_order and torch.is_grad_enabled(),
-                                        materialize_grads=True)
+                                        create_graph=create_graph, materialize_grads=True)
         except RuntimeError as error:
             raise RuntimeError(f"{error}. (If this runs inside torch.func.vmap, pass vmapped=True: autograd "
                                f"cannot take gradients under vmap, torch.func.grad can.)") from error

@@ -263,3 +263,15 @@ def test_adapt_inside_a_users_vmap_with_vmapped_true():
         batched = torch.func.vmap(lambda x, y: one(x, y, vmapped=True))(tasks.x_support, tasks.y_support)
         looped = one(tasks.x_support[1], tasks.y_support[1])
     assert all(torch.allclose(batched[n][1], looped[n], atol=1e-14) for n in params)
+
+
+def test_evaluation_under_no_grad_records_no_second_order_graph():
+    """Under an outer no_grad the inner gradient is taken without create_graph: nothing would use it."""
+    from mlcore.inner import support_grad
+    model, params, tasks = sine()
+    kw = dict(loss_fn=F.mse_loss, names=list(params), first_order=False, vmapped=False)
+    with torch.no_grad():
+        grads = support_grad(model, params, tasks.x_support[0], tasks.y_support[0], **kw)
+    assert all(not g.requires_grad for g in grads.values())
+    grads = support_grad(model, params, tasks.x_support[0], tasks.y_support[0], **kw)
+    assert all(g.requires_grad for g in grads.values())             # with grad mode on: second order
