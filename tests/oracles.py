@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mlcore.models import MLP, Conv4
 from mlcore.tasks import SineTasks, TaskBatch
+from mlcore.timing import num_threads
 
 F64 = torch.float64
 
@@ -168,19 +169,14 @@ def conv4_problem(norm: str = "batch", meta_batch: int = 2, n_way: int = 3, k_sh
 
 # --- Torch settings for a block ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def torch_threads(n: int = 1) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` inside the block, the previous count restored after it.
+def torch_threads(n: int = 1):
+    """``torch.set_num_threads(n)`` inside the block, the previous count restored after it
+    (:func:`mlcore.timing.num_threads`).
 
     Tiny tensors: a second OpenMP thread costs more than it saves, and a 2-core machine shared with other
     jobs slows down many-fold when every process runs 2 threads.
     """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return num_threads(n)
 
 
 @contextlib.contextmanager
@@ -188,7 +184,8 @@ def tf32_disabled() -> Iterator[None]:
     """cuBLAS matmuls and cuDNN convolutions in full float32 (no TF32) inside the block; restored after.
 
     With TF32, float32 convolutions on an Ampere-or-later GPU round their inputs to 10 mantissa bits, and
-    two exact formulations of the same gradient then differ by ~1e-2 relative.
+    two exact formulations of the same gradient then differ by ~1e-2 relative. (Unlike
+    :func:`mlcore.timing.exact_matmuls` it also switches the flags when no GPU is in use.)
     """
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
