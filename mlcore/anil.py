@@ -5,7 +5,7 @@ Raghu et al. found that a MAML-trained network barely changes its body during ad
 loop mostly re-fits the last layer on top of features that are reused as they are. ANIL keeps the
 outer loop of MAML unchanged and restricts the inner loop to the head. With θ = (θ_b, θ_h):
 
-    θ_h' = θ_h − α ∇_{θ_h} L(θ_b, θ_h; D^tr_i)                  (inner loop: the head only, K steps)
+    θ_h' = θ_h − α ∇_{θ_h} L(θ_b, θ_h; D^tr_i)                  (inner loop: the head only, S steps)
     min_{θ_b, θ_h}  Σ_i L(θ_b, θ_h'; D^ts_i)                     (outer loop: body AND head)
 
 **The body is meta-learned.** It receives the meta-gradient through both the query features and the
@@ -22,16 +22,16 @@ code             paper           meaning
 ``params``       θ = (θ_b, θ_h)  every parameter of the model (body and head), dict name → tensor
 ``head``         θ_h             the adapted parameters: a name prefix (``"head"``) or names
 ``inner_lr``     α               inner rate (a number, or per-name/per-step as in mlcore.inner)
-``inner_steps``  K               inner steps on the head
+``inner_steps``  S               inner steps on the head
 ===============  ==============  ================================================================
 
 Feature reuse (``reuse_features``). The body's features of the support and query sets do not
 depend on the head, so they can be computed once per task, with gradient tracking, instead of once
 per inner step: ANIL is then MAML on the head module alone, over those features (:func:`task_loss`).
 Value and meta-gradient are identical to the generic path (tested). The saving is the body's forward
-and backward passes on the support set at every inner step, so it grows with K and the support size:
+and backward passes on the support set at every inner step, so it grows with S and the support size:
 on a busy 2-core CPU, Conv4(hidden=64), 4 tasks of 5-way with 15 queries per class, ×1.7 (1-shot,
-K = 5) to ×3.7 (5-shot, K = 10); nothing measurable for the sine MLP (overhead-bound at that size). It
+S = 5) to ×3.7 (5-shot, S = 10); nothing measurable for the sine MLP (overhead-bound at that size). It
 applies when the model is a :class:`~mlcore.models.BodyHead` (``MLP``, ``Conv4``, or a subclass of
 yours: the class promises ``forward(x) == head(body(x))``) and ``head`` names exactly the ``head``
 module's parameters; ``reuse_features=None`` then picks it.
@@ -88,7 +88,7 @@ def can_reuse_features(model: nn.Module, params: Mapping[str, Tensor], names: Se
 def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor,
               *, head: Sequence[str], loss_fn: LossFn, rates: Rates, first_order: bool = False,
               reuse_features: bool = False, vmapped: bool = False) -> tuple[Tensor, Tensor]:
-    """One task's ANIL objective and query outputs: K inner steps on the ``head`` parameters only.
+    """One task's ANIL objective and query outputs: S inner steps on the ``head`` parameters only.
 
     Without feature reuse that is MAML's task loss with only the head moving. With it, the body's
     features are computed once, tracked (the body is meta-learned through them), and MAML runs on the
@@ -134,7 +134,7 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
               loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
               strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
               reuse_features: bool | None = None) -> Tensor:
-    """The ANIL objective: mean over tasks of L_query after K inner steps on the head only.
+    """The ANIL objective: mean over tasks of L_query after S inner steps on the head only.
 
     A differentiable scalar w.r.t. every parameter, body included. ``first_order`` drops the inner
     gradient's derivative (FOMAML-style), which also removes the body's path through the inner loop.

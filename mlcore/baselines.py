@@ -61,7 +61,7 @@ def reference_meta_loss(p: Problem, first_order: bool, backward: bool,
         for _ in range(p.inner_steps):
             loss = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_support[i],)), t.y_support[i])
             grads = torch.autograd.grad(loss, fast, create_graph=backward and not first_order)
-            fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]   # θ_{k+1} = θ_k − α ∇L
+            fast = [w - p.inner_lr * g for w, g in zip(fast, grads, strict=True)]   # θ_{j+1} = θ_j − α ∇L
         query = p.loss_fn(functional_call(p.model, dict(zip(names, fast)), (t.x_query[i],)), t.y_query[i]) / t.meta_batch
         if backward:
             query.backward()   # frees this task's graph before the next task
@@ -70,8 +70,8 @@ def reference_meta_loss(p: Problem, first_order: bool, backward: bool,
 
 
 def floor_step(p: Problem, first_order: bool) -> Step:
-    x = torch.cat([p.tasks.x_support, p.tasks.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
-    y = torch.cat([p.tasks.y_support, p.tasks.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
+    x = torch.cat([p.tasks.x_support, p.tasks.x_query], 1).flatten(0, 1)   # (B·(support + query), *feature_shape)
+    y = torch.cat([p.tasks.y_support, p.tasks.y_query], 1).flatten(0, 1)   # (B·(support + query), *target_shape)
     return lambda: p.loss_fn(p.model(x), y).backward()
 
 

@@ -2,7 +2,7 @@
 
 One run times one MAML meta-gradient step (forward and backward, no optimiser step; Finn et al. 2017, eq. 2)
 
-    ∇_θ (1/B) Σ_i L(θ'_i; D^ts_i),        θ'_i = θ − α ∇_θ L(θ; D^tr_i)        (K inner steps in general)
+    ∇_θ (1/B) Σ_i L(θ'_i; D^ts_i),        θ'_i = θ − α ∇_θ L(θ; D^tr_i)        (S inner steps in general)
 
 of several implementations on the same random inputs and initial weights, at second and first order, and
 checks each meta-gradient against a per-task autograd loop, itself checked against finite differences:

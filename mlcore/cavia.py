@@ -3,7 +3,7 @@ Adaptation via Meta-Learning", ICML).
 
 MAML adapts every weight to a new task; CAVIA adapts only a few **context parameters** φ, an input to
 the network that is reset to φ_0 = 0 for every task, and meta-learns the network weights θ in the outer
-loop (the paper's Algorithm 1, with K inner steps in general):
+loop (the paper's Algorithm 1, with S inner steps in general):
 
     φ_i = φ_0 − α ∇_φ L_{T_i}(f_{θ, φ_0}; D^tr_i),        φ_0 = 0           (inner loop: the context only)
     θ ← θ − β ∇_θ Σ_i L_{T_i}(f_{θ, φ_i}; D^ts_i)                          (outer loop: the network only)

@@ -1,4 +1,4 @@
-"""What a MAML meta-gradient costs: time and peak memory against inner steps K and parameter count |θ|.
+"""What a MAML meta-gradient costs: time and peak memory against inner steps S and parameter count |θ|.
 
 Claim to measure (the book's complexity chapter): the second-order meta-gradient needs Hessian-vector
 products, never the Hessian (Finn et al. 2017, §2.2; Pearlmutter 1994), so for a meta-batch of B tasks
@@ -7,9 +7,9 @@ products, never the Hessian (Finn et al. 2017, §2.2; Pearlmutter 1994), so for 
 method      time                    memory (beyond θ and the data)
 ==========  ======================  ==========================================================
 gradient    O(|θ|)  one fwd+bwd     O(activations of one forward)
-FOMAML      O(B · K · |θ|)          O(activations of one forward): the inner gradients are
+FOMAML      O(B · S · |θ|)          O(activations of one forward): the inner gradients are
                                     detached, so each step's graph is freed once it is used
-MAML        O(B · K · |θ|)          O(K · activations): the unrolled K-step graph is kept for
+MAML        O(B · S · |θ|)          O(S · activations): the unrolled S-step graph is kept for
                                     the backward pass through it
 ==========  ======================  ==========================================================
 
@@ -42,7 +42,7 @@ __all__ = ["Cost", "cost_vs_inner_steps", "cost_vs_width", "gradient_step", "lin
 @dataclass(frozen=True)
 class Cost:
     method: str           # "gradient", "FOMAML" or "MAML"
-    inner_steps: int      # K (0 for the plain gradient)
+    inner_steps: int      # S (0 for the plain gradient)
     n_params: int         # |θ|
     time_ms: float        # median over repeats
     peak_mb: float | None
@@ -66,14 +66,14 @@ def meta_gradient_step(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn, i
 def gradient_step(model: nn.Module, tasks: TaskBatch, *, loss_fn: LossFn) -> Callable[[], None]:
     """The baseline: one plain gradient of the loss on all support and query examples, in one batch."""
     params = _leaf_params(model)
-    x = torch.cat([tasks.x_support, tasks.x_query], 1).flatten(0, 1)   # (B·(S+Q), *feature_shape)
-    y = torch.cat([tasks.y_support, tasks.y_query], 1).flatten(0, 1)   # (B·(S+Q), *target_shape)
+    x = torch.cat([tasks.x_support, tasks.x_query], 1).flatten(0, 1)   # (B·(support + query), *feature_shape)
+    y = torch.cat([tasks.y_support, tasks.y_query], 1).flatten(0, 1)   # (B·(support + query), *target_shape)
     return lambda: loss_fn(torch.func.functional_call(model, params, (x,)), y).backward()
 
 
 def _rows(model: nn.Module, tasks: TaskBatch, inner_steps: Sequence[int], *, loss_fn: LossFn, inner_lr: float,
           strategy: str) -> list[tuple[str, int, int, Callable[[], None]]]:
-    """(method, K, |θ|, step): the plain gradient, then MAML and FOMAML for each K."""
+    """(method, S, |θ|, step): the plain gradient, then MAML and FOMAML for each S."""
     n_params = sum(p.numel() for p in model.parameters())
     rows = [("gradient", 0, n_params, gradient_step(model, tasks, loss_fn=loss_fn))]
     for k in inner_steps:
@@ -91,7 +91,7 @@ def _measured(rows: list[tuple[str, int, int, Callable[[], None]]], tasks: TaskB
 
 def cost_vs_inner_steps(model: nn.Module, tasks: TaskBatch, inner_steps: Sequence[int], *, loss_fn: LossFn,
                         inner_lr: float, strategy: str = "loop", repeats: int = 3) -> list[Cost]:
-    """MAML and FOMAML for each K in ``inner_steps``, plus the plain gradient once (K = 0), timed interleaved."""
+    """MAML and FOMAML for each S in ``inner_steps``, plus the plain gradient once (S = 0), timed interleaved."""
     return _measured(_rows(model, tasks, inner_steps, loss_fn=loss_fn, inner_lr=inner_lr, strategy=strategy),
                      tasks, repeats)
 

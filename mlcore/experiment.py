@@ -229,9 +229,9 @@ def one_query_at_a_time(predict: Callable[[TaskBatch], Tensor], chunk: int = 512
     """
     def wrapped(tasks: TaskBatch) -> Tensor:
         b, q = tasks.y_query.shape
-        xs = tasks.x_support.repeat_interleave(q, dim=0)                 # (B·Q, S, ...)
-        ys = tasks.y_support.repeat_interleave(q, dim=0)                 # (B·Q, S)
-        xq = tasks.x_query.reshape(b * q, 1, *tasks.x_query.shape[2:])   # (B·Q, 1, ...)
+        xs = tasks.x_support.repeat_interleave(q, dim=0)                 # (B·q, n_support, ...)
+        ys = tasks.y_support.repeat_interleave(q, dim=0)                 # (B·q, n_support)
+        xq = tasks.x_query.reshape(b * q, 1, *tasks.x_query.shape[2:])   # (B·q, 1, ...)
         yq = tasks.y_query.reshape(b * q, 1)
         outs = [predict(TaskBatch(xs[i:i + chunk], ys[i:i + chunk], xq[i:i + chunk], yq[i:i + chunk]))
                 for i in range(0, b * q, chunk)]

@@ -1,10 +1,10 @@
 """The one differentiable inner loop shared by MAML, FOMAML, Meta-SGD, MAML++ and ANIL, and its batching
 over tasks.
 
-Given meta-parameters θ (a ``dict[str, Tensor]``) and one task's support set (x, y), K steps of
+Given meta-parameters θ (a ``dict[str, Tensor]``) and one task's support set (x, y), S steps of
 gradient descent give the adapted parameters (Finn et al. 2017, eq. 1, iterated):
 
-    θ_0 = θ,        θ_{k+1} = θ_k − α_k ⊙ ∇_θ L_support(θ_k),        k = 0 … K−1
+    θ_0 = θ,        θ_{j+1} = θ_j − α_j ⊙ ∇_θ L_support(θ_j),        j = 0 … S−1
 
 =================  ==============  =========================================================
 code               paper           meaning
@@ -12,14 +12,14 @@ code               paper           meaning
 ``params``         θ               meta-parameters (the initialisation being meta-learned)
 ``inner_lr``       α               inner learning rate: a number (MAML), a dict name → tensor
                                    (Meta-SGD's learned α), or one such rate per step (MAML++)
-``inner_steps``    K               number of inner gradient steps
-``first_order``    —               FOMAML: treat ∇L_support(θ_k) as a constant (drop the Hessian)
+``inner_steps``    S               number of inner gradient steps
+``first_order``    —               FOMAML: treat ∇L_support(θ_j) as a constant (drop the Hessian)
 ``adapt``          —               names of the parameters that move (ANIL: the head only)
 =================  ==============  =========================================================
 
 The adapted parameters stay differentiable functions of θ, so back-propagating the query loss through
-them gives the exact second-order meta-gradient ∇_θ L_query(θ_K) = Π_k (I − α H_k) ∇ L_query(θ_K),
-with Hessian-vector products only. ``first_order=True`` takes the inner gradient at a detached θ_k:
+them gives the exact second-order meta-gradient ∇_θ L_query(θ_S) = Π_j (I − α H_j) ∇ L_query(θ_S),
+with Hessian-vector products only. ``first_order=True`` takes the inner gradient at a detached θ_j:
 that one ``detach`` is the whole difference between FOMAML and MAML.
 
 The gradient is ``torch.autograd.grad``, except inside ``torch.func.vmap`` (``vmapped=True``), where
@@ -57,7 +57,7 @@ Rates = Sequence[Mapping[str, "float | Tensor"]]   # one dict name -> α per ste
 def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
                inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                adapt: Collection[str] | None = None, vmapped: bool = False) -> list[dict[str, Tensor]]:
-    """Adapt ``params`` to ONE task's support set (x, y); return the trajectory [θ_0, θ_1, …, θ_K].
+    """Adapt ``params`` to ONE task's support set (x, y); return the trajectory [θ_0, θ_1, …, θ_S].
 
     ``loss_fn(outputs, y) -> scalar`` (e.g. ``F.cross_entropy``); ``adapt``: names of the parameters
     that take inner steps (``None``: all); the others stay fixed and still carry the meta-gradient of
@@ -74,21 +74,21 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
 
 def trajectory(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
                rates: Rates, first_order: bool, vmapped: bool) -> list[dict[str, Tensor]]:
-    """:func:`inner_loop` without the argument checks: ``rates[k]`` maps each adapted name to α_k."""
+    """:func:`inner_loop` without the argument checks: ``rates[j]`` maps each adapted name to α_j."""
     theta = dict(params)
     path = [theta]
     for rate in rates:
         grads = support_grad(model, theta, x, y, loss_fn=loss_fn, names=list(rate), first_order=first_order,
                              vmapped=vmapped)
-        theta = {**theta, **{n: theta[n] - rate[n] * grads[n] for n in rate}}   # θ_{k+1} = θ_k − α_k ∇L
+        theta = {**theta, **{n: theta[n] - rate[n] * grads[n] for n in rate}}   # θ_{j+1} = θ_j − α_j ∇L
         path.append(theta)
     return path
 
 
 def support_grad(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
                  names: Sequence[str], first_order: bool, vmapped: bool) -> dict[str, Tensor]:
-    """∇L_support(θ_k) for the parameters ``names``: a differentiable function of θ (second order) or,
-    with ``first_order``, a constant taken at a detached θ_k and x."""
+    """∇L_support(θ_j) for the parameters ``names``: a differentiable function of θ (second order) or,
+    with ``first_order``, a constant taken at a detached θ_j and x."""
     if first_order:  # FOMAML, the one place second-order terms are dropped; x too (ANIL's features)
         theta, x = {n: t.detach() for n, t in theta.items()}, x.detach()
     fixed = {n: t for n, t in theta.items() if n not in names}
@@ -144,7 +144,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
                  adapt: Collection[str] | None = None, eval_steps: Sequence[int] | None = None,
                  strategy: str = "auto") -> Tensor:
     """Every task's query loss after adaptation, differentiable w.r.t. ``params``: (meta_batch,), or
-    (meta_batch, len(eval_steps)) holding L_query(θ_k) for each k in ``eval_steps``.
+    (meta_batch, len(eval_steps)) holding L_query(θ_j) for each j in ``eval_steps``.
 
     The per-task values that :func:`mlcore.maml.meta_loss` averages; every task's graph stays alive.
     """

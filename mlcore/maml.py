@@ -3,7 +3,7 @@
 Model-Agnostic Meta-Learning looks for an initialisation θ from which a few gradient steps on a new
 task's support set already do well on its query set. The bi-level objective (paper eq. 1 and 2):
 
-    θ'_i = θ − α ∇_θ L_{T_i}(f_θ; D^tr_i)                      (inner loop, K steps in general)
+    θ'_i = θ − α ∇_θ L_{T_i}(f_θ; D^tr_i)                      (inner loop, S steps in general)
     min_θ  Σ_{T_i ~ p(T)}  L_{T_i}(f_{θ'_i}; D^ts_i)           (outer loop, the meta-objective)
     θ ← θ − β ∇_θ Σ_i L_{T_i}(f_{θ'_i}; D^ts_i)                 (meta-update, paper eq. 2)
 
@@ -12,16 +12,16 @@ The meta-gradient differentiates through the inner loop. For one inner step,
 evaluates it with a Hessian-vector product, never forming H. **FOMAML** (``first_order=True``) drops
 the H term: ∇_θ L(θ') ≈ ∇_{θ'} L(θ').
 
-Notation: ``params`` θ; ``inner_lr`` α; ``inner_steps`` K; meta-batch of tasks T_i in a
+Notation: ``params`` θ; ``inner_lr`` α; ``inner_steps`` S; meta-batch of B tasks T_i in a
 :class:`~mlcore.tasks.TaskBatch` (support D^tr, query D^ts); the outer rate β belongs to the
 optimiser the caller steps.
 
 MAML++ options (Antoniou et al. 2019, "How to train your MAML"):
 
-- multi-step loss (MSL, their §4 "Multi-Step Loss Optimization"): ``step_weights`` (w_1 … w_K) makes
-  the meta-loss Σ_k w_k L_query(θ_k) instead of L_query(θ_K), so every inner step gets a direct
+- multi-step loss (MSL, their §4 "Multi-Step Loss Optimization"): ``step_weights`` (w_1 … w_S) makes
+  the meta-loss Σ_j w_j L_query(θ_j) instead of L_query(θ_S), so every inner step gets a direct
   training signal; the paper anneals the weights towards the last step during training.
-- per-layer per-step learning rates (LSLR): pass ``inner_lr`` as a list of K dicts of learnable
+- per-layer per-step learning rates (LSLR): pass ``inner_lr`` as a list of S dicts of learnable
   tensors (see :func:`per_step_learning_rates`) and give them to the outer optimiser.
 
 The inner loop lives in :mod:`mlcore.inner`; this file writes down one task's objective
@@ -48,11 +48,11 @@ __all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "pr
 def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
           inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
           check_finite: bool = True, vmapped: bool = False) -> dict[str, Tensor]:
-    """Adapt θ to ONE task's support set (x (n, ...), y (n, ...)); return θ_K as a new dict.
+    """Adapt θ to ONE task's support set (x (n, ...), y (n, ...)); return θ_S as a new dict.
 
     ``params`` is untouched (no in-place update). The result is differentiable w.r.t. ``params``
     unless ``first_order``; under ``torch.no_grad()`` adaptation still works (for evaluation).
-    Raises :class:`~mlcore.inner.InnerLoopDivergedError` if θ_K is not finite (``check_finite``).
+    Raises :class:`~mlcore.inner.InnerLoopDivergedError` if θ_S is not finite (``check_finite``).
     Inside ``torch.func.vmap`` pass ``vmapped=True`` (and ``check_finite=False``: vmap cannot branch
     on a value).
     """
@@ -80,11 +80,11 @@ def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: 
               vmapped: bool = False) -> tuple[Tensor, Tensor]:
     """One task's term of the MAML objective and its query outputs: adapt on (x_s, y_s), score (x_q, y_q).
 
-    ``rates[k]`` maps each parameter to α_k (checked by the caller). With MAML++ ``step_weights``
-    (w_1 … w_K) the term is Σ_k w_k L(θ_k; D^ts) instead of L(θ_K; D^ts).
+    ``rates[j]`` maps each parameter to α_j (checked by the caller). With MAML++ ``step_weights``
+    (w_1 … w_S) the term is Σ_j w_j L(θ_j; D^ts) instead of L(θ_S; D^ts).
     """
     path = trajectory(model, params, x_s, y_s, loss_fn=loss_fn, rates=rates, first_order=first_order,
-                      vmapped=vmapped)                                           # θ_0 = θ, …, θ_K = θ'_i
+                      vmapped=vmapped)                                           # θ_0 = θ, …, θ_S = θ'_i
     if step_weights is None:
         outputs = functional_call(model, path[-1], (x_q,))
         return loss_fn(outputs, y_q), outputs                                    # L_{T_i}(f_{θ'_i}; D^ts_i)

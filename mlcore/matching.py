@@ -37,6 +37,10 @@ code              paper        meaning and shape (B = meta_batch)
 ``k_steps``       K            processing steps of the attention LSTM
 ================  ===========  ==================================================================
 
+The symbols above are the paper's: S is the support set and K the number of processing steps. In the
+rest of mlcore and in the book, K is the number of shots and S the number of inner steps; chapter 7
+writes D^tr for the support set and T for the processing steps.
+
 Support and query are embedded jointly per episode (``protonet.embed_episodes``: shared batch
 statistics with ``Conv4(norm="batch")``, transductive; see mlcore.protonet). With FCE the support set
 is read as a sequence, so its order (class-major from the episode sampler) matters.

@@ -1,14 +1,14 @@
 """Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
 
-Reptile needs no meta-gradient at all. Adapt a copy of θ to each task with k steps of an ordinary
+Reptile needs no meta-gradient at all. Adapt a copy of θ to each task with S steps of an ordinary
 optimiser, then move θ part of the way towards the adapted weights:
 
-    θ'_i = U^k_{T_i}(θ)                               k steps of SGD (or Adam) on task i's data
+    θ'_i = U^S_{T_i}(θ)                               S steps of SGD (or Adam) on task i's data
     θ ← θ + ε · (1/n) Σ_i (θ'_i − θ)                  Algorithm 2 ("batched"), n tasks per step
     θ ← θ + ε · (θ' − θ), one task after another      Algorithm 1 ("serial"), ``serial=True``
 
-(θ − θ'_i) / α is a gradient-like direction; with k = 1 it is exactly ∇L_i(θ), and Reptile reduces to
-plain SGD on the average task loss (joint training, no meta-learning). With k > 1 the update
+(θ − θ'_i) / α is a gradient-like direction; with S = 1 it is exactly ∇L_i(θ), and Reptile reduces to
+plain SGD on the average task loss (joint training, no meta-learning). With S > 1 the update
 contains the terms that make MAML work: Nichol et al. §5 show its Taylor expansion has a
 component that maximises the inner product between gradients of different minibatches of a task.
 
@@ -19,7 +19,7 @@ code             paper      meaning
 ===============  =========  =================================================================
 ``params``       φ (θ)      meta-parameters (the initialisation)
 ``inner_lr``     α          inner SGD/Adam learning rate (a positive number)
-``inner_steps``  k          inner steps per task
+``inner_steps``  k          inner steps per task (S in the book's notation)
 ``outer_lr``     ε          step size of the interpolation towards θ' (the paper anneals it)
 ``tasks``        τ_i        a :class:`~mlcore.tasks.TaskBatch`; n = ``tasks.meta_batch``
 ===============  =========  =================================================================
@@ -60,7 +60,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 def _adam(model: nn.Module, theta: dict[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn, inner_lr: float,
           inner_steps: int, betas: tuple[float, float], eps: float) -> dict[str, Tensor]:
-    """k Adam steps from θ on one task, moments starting at zero (Kingma & Ba 2015, Algorithm 1)."""
+    """``inner_steps`` Adam steps from θ on one task, moments starting at zero (Kingma & Ba 2015, Algorithm 1)."""
     grad_fn = torch.func.grad(lambda th: loss_fn(functional_call(model, th, (x,)), y))
     b1, b2 = betas
     m = {n: torch.zeros_like(t) for n, t in theta.items()}   # first moment

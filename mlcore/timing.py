@@ -4,7 +4,7 @@
 :func:`measure` takes several zero-argument steps and, for each, the peak memory of one call and the
 median (min, max) of ``repeats`` timed calls. The timed calls run in rounds, one call of every step per
 round: on a shared machine a busy spell then slows every step alike instead of whichever happened to be
-running (on a 2-core box at load 5, one K = 8 MAML step read 2.4 s timed alone and 1.2–1.5 s timed
+running (on a 2-core box at load 5, one S = 8 MAML step read 2.4 s timed alone and 1.2–1.5 s timed
 interleaved with the others). The device is synchronised around every timed call, so a CUDA step is
 timed to its last kernel, not to its last launch.
 
