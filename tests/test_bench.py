@@ -10,11 +10,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mlcore import bench, complexity, timing
-from mlcore.models import MLP
-from mlcore.tasks import SineTasks
+from mlcore import bench, timing
 
 HIGHER = importlib.util.find_spec("higher") is not None
 TINY = ["--device", "cpu", "--meta-batch", "2", "--repeats", "1", "--warmup", "0"]
@@ -167,19 +164,3 @@ def test_relative_error_floors_structurally_zero_gradients():
     assert bench.relative_error(close, ref) == pytest.approx(1e-7, rel=1e-3)
     wrong = {"w": t(3.0, 4.0), "bias_before_bn": t(0.05)}
     assert bench.relative_error(wrong, ref) == pytest.approx(10.0, rel=1e-3)
-
-
-def test_complexity_rows_and_linear_fit():
-    tasks = SineTasks().sample(2, 3, 3, generator=torch.Generator().manual_seed(0))
-    rows = complexity.cost_vs_inner_steps(MLP(1, (4,), 1), tasks, [1, 2], loss_fn=F.mse_loss, inner_lr=0.01,
-                                          repeats=1)
-    assert [(r.method, r.inner_steps) for r in rows] == [("gradient", 0), ("MAML", 1), ("FOMAML", 1),
-                                                         ("MAML", 2), ("FOMAML", 2)]
-    assert all(r.time_ms > 0 and r.n_params == 13 for r in rows)
-    rows = complexity.cost_vs_width(lambda w: MLP(1, (w,), 1), [2, 4], tasks, loss_fn=F.mse_loss, inner_lr=0.01,
-                                    repeats=1)
-    assert [r.n_params for r in rows] == [7] * 3 + [13] * 3
-    slope, intercept, r2 = complexity.linear_fit([1, 2, 3], [5.0, 7.0, 9.0])
-    assert (slope, intercept, r2) == pytest.approx((2.0, 3.0, 1.0))
-    with pytest.raises(ValueError, match="two equally long"):
-        complexity.linear_fit([1], [2.0])
