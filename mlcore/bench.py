@@ -1,4 +1,6 @@
-"""Side-by-side benchmark of one meta-gradient step: ``python -m mlcore.bench maml|sine [options]``.
+"""Side-by-side benchmark of one meta-gradient step: ``python -m mlcore.bench maml|sine [options]``
+(``python -m mlcore.bench complexity``, every method's cost against S and |θ|, is
+:mod:`mlcore.bench_complexity`).
 
 One run times one MAML meta-gradient step (forward and backward, no optimiser step; Finn et al. 2017, eq. 2)
 
@@ -306,9 +308,12 @@ def run(c: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m mlcore.bench ARGV`` in this process (:func:`mlcore.cli.bench_config`); returns the report."""
+    """``python -m mlcore.bench ARGV`` in this process (:func:`mlcore.cli.bench_config`); returns the report.
+    ``complexity`` runs :func:`mlcore.bench_complexity.run`."""
+    from . import bench_complexity
     from .cli import bench_config
-    return run(bench_config(argv))
+    config = bench_config(argv)
+    return bench_complexity.run(config) if isinstance(config, bench_complexity.ComplexityConfig) else run(config)
 
 
 # ----------------------------------------------------------------------------- the report

@@ -7,6 +7,7 @@
     python -m mlcore.evaluate runs/pn1 --n-way 20                   # the same model tested 20-way
     python -m mlcore.evaluate --summary results                     # every record, seeds pooled
     python -m mlcore.bench maml --threads 1                         # meta-gradient steps side by side
+    python -m mlcore.bench complexity --threads 1                   # every method's cost vs S and |θ|
 
 ``mlcore train …``, ``mlcore evaluate …`` and ``mlcore bench …`` are the same commands. Running ``train``
 again with the same ``--out`` resumes from the last checkpoint (exactly: same weights, episodes and
@@ -29,6 +30,7 @@ from .presets import PRESETS, Config, get_preset, preset_table
 
 if TYPE_CHECKING:
     from .bench import BenchConfig
+    from .bench_complexity import ComplexityConfig
 
 __all__ = ["train_main", "evaluate_main", "bench_main"]
 
@@ -266,15 +268,53 @@ def bench_parser() -> argparse.ArgumentParser:
                        help="add an 'mlcore vmap chunk=N, meta_backward' row")
         p.add_argument("--no-first-order", action="store_true", help="time second-order MAML only")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    _complexity_parser(sub, positive, non_negative)
     return parser
 
 
-def bench_config(argv: list[str] | None = None) -> BenchConfig:
-    """Parse ``argv`` (default: sys.argv[1:]) into a :class:`mlcore.bench.BenchConfig`; a value it
-    refuses is a usage error (exit status 2), like a malformed option."""
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _complexity_parser(sub: argparse._SubParsersAction, positive: Callable[[str], int],
+                       non_negative: Callable[[str], int]) -> None:
+    from . import bench_complexity
+    defaults = bench_complexity.ComplexityConfig()
+    p = sub.add_parser("complexity", help="FLOPs, peak memory and time of every method against S and |θ|",
+                       description=bench_complexity.__doc__.split("\n\n")[1],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads for this run")
+    for name in ("hidden", "meta_batch", "n_way", "k_shot", "n_query", "inner_steps", "repeats"):
+        p.add_argument("--" + name.replace("_", "-"), type=positive, default=getattr(defaults, name))
+    p.add_argument("--warmup", type=non_negative, default=defaults.warmup)
+    p.add_argument("--steps", type=_integers, default=defaults.steps, help="the inner steps S of the S axis")
+    p.add_argument("--widths", type=_integers, default=defaults.widths, help="Conv4 widths of the |θ| axis")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+
+
+def bench_config(argv: list[str] | None = None) -> BenchConfig | ComplexityConfig:
+    """Parse ``argv`` (default: sys.argv[1:]) into a :class:`mlcore.bench.BenchConfig` (or, for
+    ``complexity``, a :class:`mlcore.bench_complexity.ComplexityConfig`); a value it refuses is a usage
+    error (exit status 2), like a malformed option."""
     from .bench import BenchConfig
+    from .bench_complexity import ComplexityConfig
     parser = bench_parser()
     options = vars(parser.parse_args(argv))
+    benchmark = options.pop("benchmark")
+    if benchmark == "complexity":
+        options["json"] = options["json"] and str(Path(options["json"]).expanduser())
+        try:
+            return ComplexityConfig(**options)
+        except ValueError as err:
+            parser.error(str(err))
+    options["benchmark"] = benchmark
     options["strategies"] = tuple(s.strip() for s in options["strategies"].split(",") if s.strip())
     options["json"] = options["json"] and str(Path(options["json"]).expanduser())
     try:
@@ -284,6 +324,6 @@ def bench_config(argv: list[str] | None = None) -> BenchConfig:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    from .bench import run
-    run(bench_config(argv))
+    from .bench import main
+    main(argv)
     return 0
