@@ -2,7 +2,7 @@
 
     PYTHONPATH=/tmp/libs python scripts/compare_libraries.py      # higher, torchopt installed in /tmp/libs
 
-(``pip install --target /tmp/libs --no-deps higher==0.2.1 torchopt==0.7.3 optree graphviz``; neither is a
+(``pip install -e ".[compare]"``, or ``pip install --target /tmp/libs --no-deps higher==0.2.1 torchopt==0.7.3 optree graphviz``; neither is a
 dependency of this book, and learn2learn 0.2.0 fails to build on Python 3.11.) Writes
 results/maml_in_practice/libraries.json: for every implementation, whether it imports, its meta-gradient's
 relative error against mlcore in float64 (second and first order), the median time of one meta-gradient
