@@ -90,6 +90,10 @@ def test_sine_bench_rows(capsys):
     (["maml", "--image-size", "8"], "too small"),
     (["sine", "--meta-batch", "0"], "positive integer"),
     (["sine", "--inner-lr", "-1"], "--inner-lr"),
+    (["maml", "--meta-batch", "x"], "must be a positive integer, got 'x'"),
+    (["maml", "--json", "/nonexistent-folder/report.json"], "cannot write there"),
+    (["complexity", "--steps", "3"], "at least two values"),
+    (["complexity", "--widths", "8,x"], "comma-separated positive integers"),
 ])
 def test_bad_options_fail_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -110,18 +110,6 @@ def test_mlp_hidden_widths_message():
         MLP(1, (True,), 1)
 
 
-# --- CLI ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["maml", "--meta-batch", "x"], "must be a positive integer, got 'x'"),
-    (["maml", "--json", "/nonexistent-folder/report.json"], "cannot write there"),
-])
-def test_bench_cli_bad_values_are_usage_errors(argv, message, capsys):
-    from mlcore import bench
-    with pytest.raises(SystemExit) as info:
-        bench.main(argv)
-    assert info.value.code == 2 and message in capsys.readouterr().err
-
-
 def test_models_with_dropout_run_task_by_task():
     from mlcore.inner import resolve_strategy
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1))
