@@ -31,10 +31,17 @@ import torch
 
 import mlcore
 
-__all__ = ["setup", "FIGURE_DPI"]
+__all__ = ["setup", "FIGURE_DPI", "FIGURE_WIDTH", "TEXT_COLUMN_PX"]
 
 #: Resolution of every figure in the book (inline PNGs and saved files alike).
 FIGURE_DPI = 100
+#: Width in pixels of a cell's output area on the site in a 1280-px-wide window (sphinx-book-theme's
+#: article column with theme/static/book.css, measured in Chromium). A wider PNG is scaled down to it,
+#: and its text with it: a figure at most this wide is shown at its own size.
+TEXT_COLUMN_PX = 728
+#: Default figure width in inches: FIGURE_WIDTH * FIGURE_DPI = 700 px fits TEXT_COLUMN_PX with room for
+#: what ``bbox_inches="tight"`` adds. Chapters that set ``figsize`` stay at or below 7.2 in.
+FIGURE_WIDTH = 7.0
 
 
 def setup(seed: int = 0, *, device: str | torch.device | None = None, verbose: bool = True) -> torch.device:
@@ -81,6 +88,13 @@ def _figure_defaults() -> None:
 
     matplotlib is an optional dependency of mlcore (the ``plots`` extra); a notebook that plots
     imports it anyway and then fails with its own clear ImportError.
+
+    Sizes are chosen for the page, where a figure is shown at its own size when it fits the text
+    column (``TEXT_COLUMN_PX``): at ``FIGURE_DPI`` = 100 a point is 1.39 px, so 11-pt text is as tall
+    as the prose around it and nothing is drawn below 9 pt (legends and tick labels: 10 pt).
+    Chapters therefore pass no ``fontsize=`` except where a size is deliberately different (numbers
+    written inside the cells of a heat map). Animations (``to_jshtml``) save their frames at
+    ``savefig.dpi``, so their frames follow the same rules.
     """
     try:
         import matplotlib
@@ -89,14 +103,22 @@ def _figure_defaults() -> None:
     matplotlib.rcParams.update({
         "figure.dpi": FIGURE_DPI,          # the inline backend's PNG size; fixed so pages look alike
         "savefig.dpi": FIGURE_DPI,
-        "figure.figsize": (6.4, 3.6),
+        "figure.figsize": (FIGURE_WIDTH, 3.6),
         "figure.autolayout": False,
         "figure.constrained_layout.use": True,
         "axes.grid": True,
         "grid.alpha": 0.3,
         "axes.spines.top": False,
         "axes.spines.right": False,
-        "font.size": 10,
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
+        "figure.titlesize": 12,
+        "figure.labelsize": 11,
+        "xtick.labelsize": 10,
+        "ytick.labelsize": 10,
+        "legend.fontsize": 10,
+        "legend.title_fontsize": 10,
         "legend.frameon": False,
         "image.cmap": "viridis",
         "animation.embed_limit": 20.0,  # MB; to_jshtml() animations larger than this are cut
