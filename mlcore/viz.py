@@ -166,3 +166,90 @@ def plot_embeddings_pca(*states: EpisodeEmbedding, panel_size: float = 4.0) -> F
                for m, ms, lab in (("o", 7, "support"), ("x", 6, "query"), ("*", 14, "prototype"))]
     axes[0][-1].legend(handles=handles, loc="best", fontsize="small")
     return fig
+
+
+# --- kernel-free players: precomputed frames behind sliders that work on a static page ------------
+import base64  # noqa: E402
+import html as _html  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
+
+def grid_player(fig: Figure, update: Callable[..., object], axes: dict[str, Sequence[object]], *,
+                name: str, start: Sequence[int] | None = None, fmt: str = "{}") -> str:
+    """HTML for a player with one slider per grid axis, over frames drawn in advance.
+
+    ``axes`` maps each slider's label to its values, e.g. ``{"α": (0.003, 0.01), "inner steps": (0, 1, 5)}``.
+    For every combination, ``update(*values)`` redraws ``fig`` (one argument per axis, in the order
+    of ``axes``) and the figure is saved as a PNG at its own dpi. The returned HTML (show it with
+    ``IPython.display.HTML``) holds every frame and a few lines of JavaScript that swap the image as
+    the sliders move, so it works on a static web page with no kernel, like matplotlib's
+    ``FuncAnimation.to_jshtml()`` (which has a single slider: a grid walked in one line).
+
+    ``name`` becomes the HTML id (letters, digits, ``-`` and ``_``; one per page): fixed, unlike
+    to_jshtml's random one, so a re-executed notebook stores the same text. ``start`` is the index on
+    each axis shown first (default: the first value of each). ``fmt`` formats the values shown beside
+    the sliders. The figure is closed afterwards.
+
+    Shapes: with axes of lengths n_1, ..., n_d the player holds n_1 × ... × n_d frames; keep it in
+    the tens (each frame is a PNG of tens of kB inside the page).
+    """
+    import matplotlib.pyplot as plt
+
+    if not re.fullmatch(r"[A-Za-z][\w-]*", name):
+        raise ValueError(f"grid_player: name must be an HTML id (a letter, then letters, digits, - or _), "
+                         f"got {name!r}")
+    if not axes or any(len(values) == 0 for values in axes.values()):
+        raise ValueError(f"grid_player: every axis needs at least one value, got "
+                         f"{ {label: len(values) for label, values in axes.items()} }")
+    sizes = [len(values) for values in axes.values()]
+    start = [0] * len(sizes) if start is None else list(start)
+    if len(start) != len(sizes) or not all(0 <= s < n for s, n in zip(start, sizes, strict=True)):
+        raise ValueError(f"grid_player: start={start} must hold one index per axis, within {sizes}")
+
+    frames = []                                            # row-major over the axes, as the script reads them
+    for values in itertools.product(*axes.values()):
+        update(*values)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=fig.dpi)     # no bbox_inches: every frame the same size
+        frames.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    plt.close(fig)
+
+    first = 0
+    for index, size in zip(start, sizes, strict=True):
+        first = first * size + index
+    width = round(fig.get_figwidth() * fig.dpi)
+    rows = []
+    for k, (label, values) in enumerate(axes.items()):
+        rows.append(
+            f'<label for="{name}-{k}">{_html.escape(str(label))}</label>'
+            f'<input type="range" id="{name}-{k}" min="0" max="{len(values) - 1}" step="1" '
+            f'value="{start[k]}" style="width:100%">'
+            f'<output id="{name}-{k}-value">{_html.escape(fmt.format(values[start[k]]))}</output>')
+    shown = [[fmt.format(v) for v in values] for values in axes.values()]
+    return f"""<div class="mlcore-grid-player" id="{name}" style="max-width:{width}px">
+<img id="{name}-img" src="{frames[first]}" alt="frame of the player {name}" style="max-width:100%;height:auto;display:block">
+<div style="display:grid;grid-template-columns:max-content 1fr 4em;gap:0.2em 0.8em;align-items:center;margin-top:0.3em">
+{chr(10).join(rows)}
+</div>
+<script>
+(function () {{
+  var frames = {json.dumps(frames)};
+  var shown = {json.dumps(shown, ensure_ascii=False)};
+  var sizes = {json.dumps(sizes)};
+  var img = document.getElementById("{name}-img");
+  var sliders = sizes.map(function (_, k) {{ return document.getElementById("{name}-" + k); }});
+  function show() {{
+    var index = 0;
+    sliders.forEach(function (slider, k) {{
+      index = index * sizes[k] + Number(slider.value);
+      document.getElementById(slider.id + "-value").textContent = shown[k][Number(slider.value)];
+    }});
+    img.src = frames[index];
+  }}
+  sliders.forEach(function (slider) {{ slider.addEventListener("input", show); }});
+}})();
+</script>
+</div>"""
