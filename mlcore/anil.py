@@ -109,11 +109,11 @@ def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: 
 def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
                loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
-               reuse_features: bool | None = None, backward: bool = False) -> MetaStep:
+               reuse_features: bool | None = None, backward: bool = False, compile: bool | str = False) -> MetaStep:
     checks.params(model, params)
     names = head_names(params, head)
     p = family.prepare(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, adapt=names,
-                       strategy=strategy, chunk_size=chunk_size, loss_fn=loss_fn)
+                       strategy=strategy, chunk_size=chunk_size, loss_fn=loss_fn, compile=compile)
     can_reuse = can_reuse_features(model, params, names)
     if reuse_features and not can_reuse:
         raise ValueError(f"reuse_features=True needs a mlcore.models.BodyHead (MLP, Conv4, or a subclass) with "
@@ -123,8 +123,9 @@ def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch,
     if reuse:
         model.check_input(tasks.x_support[0])
 
-    def one_task(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
-        return task_loss(model, params, x_s, y_s, x_q, y_q, head=names, loss_fn=loss_fn, rates=p.rates,
+    def one_task(inputs: family.Inputs, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *,
+                 vmapped: bool) -> tuple[Tensor, Tensor]:
+        return task_loss(model, inputs.params, x_s, y_s, x_q, y_q, head=names, loss_fn=loss_fn, rates=inputs.rates,
                          first_order=first_order, reuse_features=reuse, vmapped=vmapped)
 
     return family.run(one_task, tasks, p, inner_lr=inner_lr, check_finite=check_finite, backward=backward)
@@ -150,12 +151,12 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, head: str | Collection[str],
                   loss_fn: LossFn, inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                   strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
-                  reuse_features: bool | None = None) -> MetaStep:
+                  reuse_features: bool | None = None, compile: bool | str = False) -> MetaStep:
     """:func:`meta_loss` back-propagated task by task into ``.grad`` (the memory of one task); returns
-    the detached loss and query outputs, as :func:`mlcore.maml.meta_backward`."""
+    the detached loss and query outputs, as :func:`mlcore.maml.meta_backward` (``compile=`` as there)."""
     return _objective(model, params, tasks, head=head, loss_fn=loss_fn, inner_lr=inner_lr,
                       inner_steps=inner_steps, first_order=first_order, strategy=strategy, chunk_size=chunk_size,
-                      check_finite=check_finite, reuse_features=reuse_features, backward=True)
+                      check_finite=check_finite, reuse_features=reuse_features, backward=True, compile=compile)
 
 
 def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,

@@ -154,9 +154,10 @@ def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch,
     p = family.prepare(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, adapt=context,
                        strategy=strategy, chunk_size=chunk_size, loss_fn=loss_fn)
 
-    def one_task(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
+    def one_task(inputs: family.Inputs, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *,
+                 vmapped: bool) -> tuple[Tensor, Tensor]:
         # MAML's task loss with only the context moving: φ_0 → φ_i, θ fixed inside the inner loop
-        return maml.task_loss(model, params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=p.rates,
+        return maml.task_loss(model, inputs.params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=inputs.rates,
                               first_order=first_order, vmapped=vmapped)
 
     return family.run(one_task, tasks, p, inner_lr=inner_lr, check_finite=check_finite, backward=backward)

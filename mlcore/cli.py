@@ -3,6 +3,7 @@
     python -m mlcore.train --list                                   # the presets and their sources
     python -m mlcore.train protonet-omniglot-1shot --out runs/pn1 --threads 1
     python -m mlcore.train maml-omniglot-5w1s --steps 3000 --seed 1 --out runs/maml-s1
+    python -m mlcore.train maml-omniglot-5w1s --device cuda --compile     # the compiled meta-gradient
     python -m mlcore.evaluate runs/pn1                              # the preset's test protocol
     python -m mlcore.evaluate runs/pn1 --n-way 20                   # the same model tested 20-way
     python -m mlcore.evaluate --summary results                     # every record, seeds pooled
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .compiled import MODES
 from .presets import PRESETS, Config, get_preset, preset_table
 
 if TYPE_CHECKING:
@@ -72,6 +74,13 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop cleanly at the first checkpoint after MINUTES of this session "
                              "(rerun the command later to continue)")
+    parser.add_argument("--compile", action="store_true",
+                        help="MAML family: take each meta-gradient with mlcore.compiled (torch.compile of the "
+                             "vmapped meta-gradient: the same gradient, compiled on the first step, which takes "
+                             "minutes on a CPU and pays off on long runs)")
+    parser.add_argument("--compile-mode", default=None, choices=MODES,
+                        help="torch.compile mode for --compile (default: default; reduce-overhead adds CUDA "
+                             "graphs, not yet measured)")
     _threads(parser)
     group = parser.add_argument_group("preset values (override)")
     for f in fields(Config):
@@ -107,9 +116,16 @@ def train_main(argv: list[str] | None = None) -> int:
     _set_threads(args.threads)
     device = _device(args.device)
     out = Path(args.out or f"runs/{config.preset}-seed{config.seed}")
-    from .experiment import RunFolderError, train
+    from .experiment import COMPILED_METHODS, RunFolderError, train
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode sets the mode of --compile; pass --compile too")
+    mode = (args.compile_mode or "default") if args.compile else None
+    if mode and config.method not in COMPILED_METHODS:
+        parser.error(f"--compile applies to the MAML family ({', '.join(COMPILED_METHODS)}); {config.method} has no "
+                     f"meta-gradient to compile")
+    compiled = f", compiled meta-gradient (mode {mode!r})" if mode else ""
     print(f"{config.preset}: {config.method} on {config.dataset}, {config.steps} steps -> {out} "
-          f"({device}, {torch.get_num_threads()} threads, torch {torch.__version__})", flush=True)
+          f"({device}, {torch.get_num_threads()} threads, torch {torch.__version__}{compiled})", flush=True)
     def terminated(signum, frame):  # kill / a scheduler's SIGTERM: stop like Ctrl-C (session logged)
         raise KeyboardInterrupt
 
@@ -117,7 +133,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         history = train(config, out, device=device, progress=not args.no_progress,
                         command=["python", "-m", "mlcore.train", *(sys.argv[1:] if argv is None else argv)],
-                        time_limit=None if args.time_limit is None else 60 * args.time_limit)
+                        time_limit=None if args.time_limit is None else 60 * args.time_limit,
+                        compile=mode or False)
     except RunFolderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -263,7 +280,11 @@ def bench_parser() -> argparse.ArgumentParser:
                        help="timed steps per row (default: maml on a CPU 3, otherwise 20)")
         p.add_argument("--warmup", type=non_negative, default=None,
                        help="untimed warm-up rounds (default: maml on a CPU 0, otherwise 3)")
-        p.add_argument("--strategies", default=",".join(bench.STRATEGIES), help="comma-separated mlcore strategies")
+        p.add_argument("--strategies", default=",".join(bench.DEFAULT_STRATEGIES),
+                       help=f"comma-separated mlcore strategies among {','.join(bench.STRATEGIES)} ('compiled': "
+                            f"meta_backward(compile=...), whose first call compiles, minutes on a CPU)")
+        p.add_argument("--compile-modes", default="default",
+                       help=f"torch.compile modes of the 'compiled' rows, comma-separated among {','.join(MODES)}")
         p.add_argument("--chunk-size", type=positive, default=None,
                        help="add an 'mlcore vmap chunk=N, meta_backward' row")
         p.add_argument("--no-first-order", action="store_true", help="time second-order MAML only")
@@ -316,6 +337,7 @@ def bench_config(argv: list[str] | None = None) -> BenchConfig | ComplexityConfi
             parser.error(str(err))
     options["benchmark"] = benchmark
     options["strategies"] = tuple(s.strip() for s in options["strategies"].split(",") if s.strip())
+    options["compile_modes"] = tuple(s.strip() for s in options["compile_modes"].split(",") if s.strip())
     options["json"] = options["json"] and str(Path(options["json"]).expanduser())
     try:
         return BenchConfig(**options)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import anil, family, maml, matching, metasgd, protonet, reptile
+from . import anil, compiled, family, maml, matching, metasgd, protonet, reptile
 from .episodes import EpisodeSampler
 from .evaluate import Accuracy, evaluate
 from .models import MLP, Conv4
@@ -121,10 +121,21 @@ class Method:
                     t.copy_(saved[name][k])
 
 
-def build(config: Config, device: torch.device | str = "cpu") -> Method:
-    """The networks (initialised from ``config.seed``), optimiser, schedule, update and predictor."""
+COMPILED_METHODS = ("maml", "fomaml", "metasgd", "anil")   # whose update can use mlcore.compiled
+
+
+def build(config: Config, device: torch.device | str = "cpu", *, compile: bool | str = False) -> Method:
+    """The networks (initialised from ``config.seed``), optimiser, schedule, update and predictor.
+
+    ``compile`` (MAML, FOMAML, Meta-SGD, ANIL): each update takes the compiled meta-gradient of
+    :mod:`mlcore.compiled` (``True`` or a torch.compile mode); the same gradient, compiled on the first step.
+    """
     device = torch.device(device)
     c = config
+    mode = compiled.resolve_mode(compile)
+    if mode is not None and c.method not in COMPILED_METHODS:
+        raise ValueError(f"compile applies to the MAML family {COMPILED_METHODS}, whose meta-gradient it compiles; "
+                         f"{c.method} has none: train it without compile")
     torch.manual_seed(c.seed)                                  # network initialisation only
     regression = c.dataset == "sine"
     loss_fn = F.mse_loss if regression else F.cross_entropy
@@ -162,13 +173,13 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
     if c.method in ("maml", "fomaml"):
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
             return outer_step(maml.train_step(model, params, optimizer, tasks, **inner,
-                                              first_order=c.method == "fomaml"))
+                                              first_order=c.method == "fomaml", compile=compile))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             return maml.predict(model, params, tasks, loss_fn=loss_fn, inner_lr=c.inner_lr, inner_steps=steps)
     elif c.method == "anil":
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
-            return outer_step(anil.train_step(model, params, optimizer, tasks, head="head", **inner))
+            return outer_step(anil.train_step(model, params, optimizer, tasks, head="head", **inner, compile=compile))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             return anil.predict(model, params, tasks, head="head", loss_fn=loss_fn, inner_lr=c.inner_lr,
@@ -178,7 +189,7 @@ def build(config: Config, device: torch.device | str = "cpu") -> Method:
 
         def step(tasks: TaskBatch, i: int) -> dict[str, float]:
             return outer_step(metasgd.train_step(model, params, optimizer, tasks, loss_fn=loss_fn, inner_lr=lrs,
-                                                 inner_steps=c.inner_steps))
+                                                 inner_steps=c.inner_steps, compile=compile))
 
         def predict(tasks: TaskBatch, steps: int) -> Tensor:
             return metasgd.predict(model, params, tasks, loss_fn=loss_fn, inner_lr=lrs, inner_steps=steps)
@@ -370,14 +381,16 @@ class TimeLimitReached(Exception):
 
 
 def train(config: Config, out: str | os.PathLike, *, device: torch.device | str = "cpu", progress: bool = True,
-          command: list[str] | None = None, time_limit: float | None = None) -> History:
+          command: list[str] | None = None, time_limit: float | None = None, compile: bool | str = False) -> History:
     """Train ``config`` into the run folder ``out``, resuming from its checkpoint if there is one.
 
     Returns the run's History (every step's metrics; ``val_acc``/``val_mse`` where validated).
     Interrupting (Ctrl-C) loses at most ``checkpoint_every`` steps; run the same command again to
     continue. ``time_limit`` (seconds of this session) stops cleanly at the first checkpoint after it
     has passed, so a session of fixed length (a shared machine, a GPU lease) loses no work; the
-    History then ends there. Each session appends a line to ``sessions.jsonl``.
+    History then ends there. Each session appends a line to ``sessions.jsonl``. ``compile``: the
+    meta-updates take the compiled meta-gradient (:func:`build`); recorded in the session's line (compiled
+    and eager float32 gradients differ by rounding, so a run resumed the other way is not bit-identical).
     """
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
                                    or not time_limit > 0):
@@ -386,7 +399,7 @@ def train(config: Config, out: str | os.PathLike, *, device: torch.device | str 
     device = torch.device(device)
     check_run_folder(out, config)
     write_json(out / "config.json", {"format": "mlcore.run/1", "config": config.to_dict()})
-    method = build(config, device)
+    method = build(config, device, compile=compile)
     c = config
     if c.dataset == "sine":
         sine = SineTasks()
@@ -439,6 +452,7 @@ def train(config: Config, out: str | os.PathLike, *, device: torch.device | str 
                 "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "steps_from": first, "steps_to": last, "session_seconds": round(time.perf_counter() - wall0, 1),
                 "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "compile": compiled.resolve_mode(compile) or False,
                 "python": platform.python_version(), "command": command or sys.argv})
     return history
 

@@ -10,7 +10,8 @@ and gets the same four entry points from here, with the same arguments and retur
 ``meta_backward``      the same mean, back-propagated task by task (chunk by chunk under vmap) as soon as
                        each task's loss is known: gradients accumulate into ``.grad``, the memory of one
                        task instead of B, the same gradient; returns a :class:`MetaStep`
-                       (detached loss, query outputs)
+                       (detached loss, query outputs). ``compile=True`` computes the same gradient with
+                       the compiled meta-gradient of :mod:`mlcore.compiled` instead
 ``train_step``         ``optimizer.zero_grad()``, ``meta_backward``, ``optimizer.step()``; returns a
                        :class:`Step` (loss, accuracy), like ``protonet.train_step``
 ``predict``            meta-test: adapt to each support set without building a meta-gradient graph,
@@ -20,20 +21,26 @@ and gets the same four entry points from here, with the same arguments and retur
 Which to call when: ``meta_backward`` (or ``train_step``) to train; ``meta_loss`` when you need the
 graph itself (a second derivative, a gradient w.r.t. something that is not a leaf, ``torch.func``
 transforms around it) and the memory of all tasks at once is affordable.
+
+A method's per-task objective is a function of its learnable :class:`Inputs` (θ, the inner rates, the
+step weights) and one task's data, ``task_fn(inputs, x_s, y_s, x_q, y_q, *, vmapped)``: the eager
+strategies call it with the tensors as given, the compiled meta-gradient with the tensors it
+differentiates.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import checks
+from . import checks, compiled
 from .inner import InnerLR, resolve_strategy
 from .tasks import TaskBatch
 
-__all__ = ["MetaStep", "Step", "Prepared", "over_tasks", "prepare", "run", "train_step", "predict", "accuracy"]
+__all__ = ["MetaStep", "Step", "Inputs", "Prepared", "over_tasks", "prepare", "run", "train_step", "predict",
+           "accuracy"]
 
 
 class MetaStep(NamedTuple):
@@ -42,12 +49,20 @@ class MetaStep(NamedTuple):
     outputs: Tensor
 
 
-TaskFn = Callable[..., tuple[Tensor, Tensor]]   # (x_s, y_s, x_q, y_q, *, vmapped) -> (loss, outputs)
+class Inputs(NamedTuple):
+    """What the meta-gradient is taken with respect to: θ (name → tensor), the inner rates α_j of each
+    step (name → number, or tensor when learned: Meta-SGD, MAML++ LSLR) and MAML++'s step weights w_j."""
+    params: dict[str, Tensor]
+    rates: list[dict[str, float | Tensor]]
+    step_weights: Tensor | None = None
 
 
-def over_tasks(task_fn: TaskFn, tasks: TaskBatch, *, how: str, chunk_size: int | None = None,
+TaskFn = Callable[..., tuple[Tensor, Tensor]]   # (inputs, x_s, y_s, x_q, y_q, *, vmapped) -> (loss, outputs)
+
+
+def over_tasks(task_fn: TaskFn, inputs: Inputs, tasks: TaskBatch, *, how: str, chunk_size: int | None = None,
                backward: bool = False, shared_graph: bool = False) -> MetaStep:
-    """(1/B) Σ_i ℓ_i over the B tasks, ℓ_i, o_i = ``task_fn(x_s, y_s, x_q, y_q, vmapped=…)`` of task i.
+    """(1/B) Σ_i ℓ_i over the B tasks, ℓ_i, o_i = ``task_fn(inputs, x_s, y_s, x_q, y_q, vmapped=…)`` of task i.
 
     ``how="loop"`` runs one task at a time, ``"vmap"`` vmaps ``chunk_size`` tasks at a time (all by
     default). ``backward=True`` calls ``(Σ_chunk ℓ_i / B).backward()`` on each chunk as soon as its
@@ -57,12 +72,12 @@ def over_tasks(task_fn: TaskFn, tasks: TaskBatch, *, how: str, chunk_size: int |
     tasks is itself computed (θ = f(φ)), so each backward keeps that part of the graph for the next.
     """
     size = 1 if how == "loop" else (chunk_size or tasks.meta_batch)
-    batched = torch.func.vmap(lambda *t: task_fn(*t, vmapped=True))
+    batched = torch.func.vmap(lambda *t: task_fn(inputs, *t, vmapped=True))
     losses, outputs = [], []
     for start in range(0, tasks.meta_batch, size):
         data = [t[start:start + size] for t in (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)]
         if how == "loop":
-            loss, out = task_fn(*(t[0] for t in data), vmapped=False)
+            loss, out = task_fn(inputs, *(t[0] for t in data), vmapped=False)
             loss, out = loss[None], out[None]
         else:
             loss, out = batched(*data)
@@ -74,11 +89,14 @@ def over_tasks(task_fn: TaskFn, tasks: TaskBatch, *, how: str, chunk_size: int |
     return MetaStep(torch.cat(losses).mean(), torch.cat(outputs))
 
 
+NOTHING_TO_BACKPROPAGATE = ("nothing to back-propagate into: no parameter (nor learned rate) requires grad, or grad "
+                            "mode is off. Pass dict(model.named_parameters()), or leaves made with "
+                            "p.detach().requires_grad_(), and call it outside torch.no_grad()")
+
+
 def _backward(loss: Tensor, shared_graph: bool) -> None:
     if not loss.requires_grad:
-        raise ValueError("nothing to back-propagate into: no parameter (nor learned rate) requires grad, or grad "
-                         "mode is off. Pass dict(model.named_parameters()), or leaves made with "
-                         "p.detach().requires_grad_(), and call it outside torch.no_grad()")
+        raise ValueError(NOTHING_TO_BACKPROPAGATE)
     try:
         loss.backward(retain_graph=shared_graph)
     except RuntimeError as error:
@@ -97,26 +115,33 @@ class Step(NamedTuple):
 
 
 class Prepared(NamedTuple):
-    """The checked arguments of one call: per-step rates of the adapted parameters, the strategy, and
-    whether a learnable input is itself computed (its graph is then shared by every task's backward)."""
-    rates: list[dict[str, float | Tensor]]
+    """The checked arguments of one call: the learnable inputs (per-step rates of the adapted parameters
+    among them), the strategy, whether a learnable input is itself computed (its graph is then shared by
+    every task's backward), and the torch.compile mode of the compiled meta-gradient (None: eager)."""
+    inputs: Inputs
     inner_steps: int
     how: str
     chunk_size: int | None
     shared_graph: bool
+    compile: str | None = None
 
 
 def prepare(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, inner_lr: InnerLR,
             inner_steps: int, adapt: Collection[str] | None = None, strategy: str = "auto",
-            chunk_size: int | None = None, loss_fn: object = None) -> Prepared:
+            chunk_size: int | None = None, loss_fn: object = None,
+            step_weights: Sequence[float] | Tensor | None = None, compile: bool | str = False) -> Prepared:
     """Check every argument once (the validation boundary of the family's entry points)."""
     checks.params(model, params)
     checks.tasks(tasks, params, loss_fn)
     steps = checks.non_negative_int("inner_steps", inner_steps)
     rates = checks.rates(inner_lr, steps, params, checks.adapted_names(params, adapt, steps))
-    how = resolve_strategy(strategy, model, tasks.device)
-    inputs = [*params.values(), *(r for rate in rates for r in rate.values() if isinstance(r, Tensor))]
-    return Prepared(rates, steps, how, checks.chunk_size(chunk_size, how), shared_graph=computed(inputs))
+    weights = checks.step_weights(step_weights, steps, tasks.x_query)
+    mode = compiled.resolve_mode(compile)
+    how = resolve_strategy(strategy, model, tasks.device) if mode is None else \
+        compiled.resolve_strategy_for_compile(strategy, model, tasks.device)
+    learnable = [*params.values(), *(r for rate in rates for r in rate.values() if isinstance(r, Tensor)), weights]
+    return Prepared(Inputs(dict(params), rates, weights), steps, how, checks.chunk_size(chunk_size, how),
+                    shared_graph=computed(learnable), compile=mode)
 
 
 def computed(tensors: Collection[object]) -> bool:
@@ -126,9 +151,21 @@ def computed(tensors: Collection[object]) -> bool:
 
 def run(task_fn: TaskFn, tasks: TaskBatch, prepared: Prepared, *, inner_lr: InnerLR, check_finite: bool,
         backward: bool) -> MetaStep:
-    """The mean of ``task_fn`` over the tasks (:func:`over_tasks`), checked."""
-    result = over_tasks(task_fn, tasks, how=prepared.how, chunk_size=prepared.chunk_size, backward=backward,
-                        shared_graph=prepared.shared_graph)
+    """The mean of ``task_fn`` over the tasks (:func:`over_tasks`), checked; with ``prepared.compile``
+    (``backward`` only) the compiled meta-gradient, back-propagated into ``.grad``."""
+    if prepared.compile is None:
+        result = over_tasks(task_fn, prepared.inputs, tasks, how=prepared.how, chunk_size=prepared.chunk_size,
+                            backward=backward, shared_graph=prepared.shared_graph)
+    else:
+        if not backward:
+            raise ValueError("compile= computes gradients (meta_backward, train_step), not a graph to differentiate: "
+                             "meta_loss takes no compile=")
+        if not torch.is_grad_enabled():
+            raise ValueError(NOTHING_TO_BACKPROPAGATE)
+        g = compiled.meta_gradient(task_fn, prepared.inputs, tasks, mode=prepared.compile,
+                                   chunk_size=prepared.chunk_size)
+        torch.autograd.backward(list(g.wrt), list(g.grads))   # into .grad of leaves; through θ = f(φ) into φ
+        result = MetaStep(g.loss, g.outputs)
     checks.outputs(result.outputs, tasks)
     if check_finite:
         checks.raise_if_diverged(result.loss.detach(), inner_lr=inner_lr, inner_steps=prepared.inner_steps,

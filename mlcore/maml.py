@@ -95,15 +95,15 @@ def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: 
 def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
                inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                step_weights: Sequence[float] | Tensor | None = None, strategy: str = "auto",
-               chunk_size: int | None = None, check_finite: bool = True, backward: bool = False) -> MetaStep:
+               chunk_size: int | None = None, check_finite: bool = True, backward: bool = False,
+               compile: bool | str = False) -> MetaStep:
     p = family.prepare(model, params, tasks, inner_lr=inner_lr, inner_steps=inner_steps, strategy=strategy,
-                       chunk_size=chunk_size, loss_fn=loss_fn)
-    weights = checks.step_weights(step_weights, p.inner_steps, tasks.x_query)
-    p = p._replace(shared_graph=p.shared_graph or family.computed([weights]))
+                       chunk_size=chunk_size, loss_fn=loss_fn, step_weights=step_weights, compile=compile)
 
-    def one_task(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
-        return task_loss(model, params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=p.rates, first_order=first_order,
-                         step_weights=weights, vmapped=vmapped)
+    def one_task(inputs: family.Inputs, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, *,
+                 vmapped: bool) -> tuple[Tensor, Tensor]:
+        return task_loss(model, inputs.params, x_s, y_s, x_q, y_q, loss_fn=loss_fn, rates=inputs.rates,
+                         first_order=first_order, step_weights=inputs.step_weights, vmapped=vmapped)
 
     return family.run(one_task, tasks, p, inner_lr=inner_lr, check_finite=check_finite, backward=backward)
 
@@ -134,14 +134,19 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
                   inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
                   step_weights: Sequence[float] | Tensor | None = None, strategy: str = "auto",
-                  chunk_size: int | None = None, check_finite: bool = True) -> MetaStep:
+                  chunk_size: int | None = None, check_finite: bool = True,
+                  compile: bool | str = False) -> MetaStep:
     """``meta_loss(...).backward()`` task by task: each task's (chunk's) graph is back-propagated and
     freed as soon as its loss is known, so gradients accumulate into ``.grad`` with the memory of one
     task. Returns the detached mean loss and query outputs (a :class:`~mlcore.family.MetaStep`).
-    Arguments as in :func:`meta_loss`; zero the gradients first (or use :func:`train_step`)."""
+    Arguments as in :func:`meta_loss`; zero the gradients first (or use :func:`train_step`).
+
+    ``compile=True`` (or a torch.compile mode) takes the same gradient with :mod:`mlcore.compiled`: the
+    meta-gradient of the vmapped meta-loss (``chunk_size`` tasks at a time), compiled on its first call
+    for these shapes (minutes on a CPU), then reused; off by default (see the README's Benchmarks)."""
     return _objective(model, params, tasks, loss_fn=loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
                       first_order=first_order, step_weights=step_weights, strategy=strategy,
-                      chunk_size=chunk_size, check_finite=check_finite, backward=True)
+                      chunk_size=chunk_size, check_finite=check_finite, backward=True, compile=compile)
 
 
 def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,

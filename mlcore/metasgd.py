@@ -92,12 +92,14 @@ def meta_loss(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *, loss_fn: LossFn,
                   inner_lr: Mapping[str, Tensor], inner_steps: int, first_order: bool = False,
-                  strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True) -> MetaStep:
+                  strategy: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                  compile: bool | str = False) -> MetaStep:
     """:func:`meta_loss` back-propagated task by task into the ``.grad`` of θ and α (the memory of one
-    task); returns the detached loss and query outputs, as :func:`mlcore.maml.meta_backward`."""
+    task); returns the detached loss and query outputs, as :func:`mlcore.maml.meta_backward` (whose
+    ``compile=`` differentiates θ and α in one compiled function)."""
     return maml.meta_backward(model, params, tasks, loss_fn=loss_fn, inner_lr=_check_alpha(params, inner_lr),
                               inner_steps=inner_steps, first_order=first_order, strategy=strategy,
-                              chunk_size=chunk_size, check_finite=check_finite)
+                              chunk_size=chunk_size, check_finite=check_finite, compile=compile)
 
 
 def train_step(model: nn.Module, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,

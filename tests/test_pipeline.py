@@ -135,8 +135,8 @@ class Interrupt(KeyboardInterrupt):
 
 def build_that_stops(real_build, *, at: int, action):
     """experiment.build whose Method runs ``action()`` just before step ``at`` (a crash, a signal)."""
-    def build(config, device="cpu"):
-        method = real_build(config, device)
+    def build(config, device="cpu", **kwargs):
+        method = real_build(config, device, **kwargs)
         inner = method.step
 
         def step(tasks, i):
