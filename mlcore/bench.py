@@ -20,6 +20,10 @@ mlcore <s>, meta_backward          :func:`mlcore.maml.meta_backward`, strategy `
                                    (``vmap chunk=N``: per N tasks), each graph freed before the next
 mlcore <s>, whole graph            ``meta_loss(...).backward()``: every task's graph kept until then
 mlcore auto (-> s), meta_backward  the default, what ``maml.train_step`` runs (``s``: what auto chose)
+mlcore compiled, meta_backward     ``meta_backward(..., compile=True)`` (:mod:`mlcore.compiled`): the
+                                   compiled meta-gradient of the vmapped meta-loss (``--strategies
+                                   …,compiled``; ``--compile-modes`` adds a row per torch.compile mode);
+                                   its first call (the compile) is reported apart from the median
 torch.func.vmap recipe             the functorch MAML recipe (``vmap`` over ``grad``), written here; for
                                    ``Conv4(norm="batch")`` through ``nn.BatchNorm2d``, the naive fast
                                    version, whose second-order meta-gradient is wrong (see chapter 3)
@@ -36,6 +40,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,11 +50,13 @@ from torch import Tensor, nn
 
 from .baselines import (Build, Problem, Step, floor_step, functorch_recipe_step, higher_step, reference_meta_loss,
                         reference_step, with_torch_batchnorm)
+from .compiled import MODES
 from .inner import resolve_strategy
 from .maml import meta_backward, meta_loss
 from .models import MLP, NORMS, Conv4
 from .tasks import SineTasks, TaskBatch
-from .timing import describe_device, describe_measure, exact_matmuls, format_table, measure, num_threads
+from .timing import (describe_device, describe_measure, exact_matmuls, format_table, measure, num_threads,
+                     synchronize)
 
 __all__ = ["BenchConfig", "Method", "Problem", "Row", "finite_difference_check", "main", "methods", "relative_error",
            "run"]
@@ -58,7 +65,8 @@ EXACT_F64 = 1e-8  # float64 relative error below which a meta-gradient counts as
 DEFAULTS = {  # Finn et al. 2017's 5-way 1-shot Omniglot and sine-regression settings
     "maml": {"meta_batch": 32, "k_shot": 1, "n_query": 15, "hidden": 64, "inner_lr": 0.4},
     "sine": {"meta_batch": 25, "k_shot": 10, "n_query": 10, "hidden": 40, "inner_lr": 0.01}}
-STRATEGIES = ("loop", "vmap", "auto")
+STRATEGIES = ("loop", "vmap", "auto", "compiled")
+DEFAULT_STRATEGIES = ("loop", "vmap", "auto")   # "compiled" costs minutes of compiling on a CPU: asked for
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ class BenchConfig:
     threads: int | None = None     # torch threads during the run (None: torch's choice)
     repeats: int | None = None     # timed steps per row (None: maml on a CPU 3, otherwise 20)
     warmup: int | None = None      # untimed rounds before them (None: maml on a CPU 0, otherwise 3)
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    compile_modes: tuple[str, ...] = ("default",)   # one "mlcore compiled" row per mode
     chunk_size: int | None = None  # adds a "vmap chunk=N, meta_backward" row
     no_first_order: bool = False
     json: str | None = None        # also write the report there
@@ -93,7 +102,15 @@ class BenchConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         bad = sorted(set(self.strategies) - set(STRATEGIES))
         if bad or not self.strategies:
-            raise ValueError(f"--strategies takes a comma-separated subset of loop,vmap,auto; got {bad or 'nothing'}")
+            raise ValueError(f"--strategies takes a comma-separated subset of {','.join(STRATEGIES)}; got "
+                             f"{bad or 'nothing'}")
+        bad = sorted(set(self.compile_modes) - set(MODES))
+        if bad or not self.compile_modes:
+            raise ValueError(f"--compile-modes takes a comma-separated subset of {','.join(MODES)}; got "
+                             f"{bad or 'nothing'}")
+        if self.compile_modes != ("default",) and "compiled" not in self.strategies:
+            raise ValueError("--compile-modes sets the modes of the 'compiled' rows; it needs 'compiled' in "
+                             "--strategies")
         if self.chunk_size and "vmap" not in self.strategies:
             raise ValueError("--chunk-size adds a chunked vmap row; it needs 'vmap' in --strategies")
         if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
@@ -134,15 +151,17 @@ def make_problem(c: BenchConfig, device: torch.device, dtype: torch.dtype, seed:
     return Problem(model, tasks, F.cross_entropy, c.inner_lr, c.inner_steps)
 
 
-def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = None) -> Build:
-    """``meta_loss(...).backward()`` (``whole_graph``) or ``meta_backward(...)``, with ``strategy``."""
+def mlcore_step(strategy: str, *, whole_graph: bool, chunk_size: int | None = None,
+                compile: str | None = None) -> Build:
+    """``meta_loss(...).backward()`` (``whole_graph``) or ``meta_backward(...)``, with ``strategy``
+    (and ``compile``, a torch.compile mode, for ``meta_backward``)."""
     def build(p: Problem, first_order: bool) -> Step:
         args = (p.model, dict(p.model.named_parameters()), p.tasks)
         kwargs = {"loss_fn": p.loss_fn, "inner_lr": p.inner_lr, "inner_steps": p.inner_steps,
                   "first_order": first_order, "strategy": strategy, "chunk_size": chunk_size}
         if whole_graph:
             return lambda: meta_loss(*args, **kwargs).backward()
-        return lambda: meta_backward(*args, **kwargs)
+        return lambda: meta_backward(*args, **kwargs, compile=compile or False)
     return build
 
 
@@ -155,6 +174,7 @@ class Method:
     optional: bool = False         # needs a package mlcore does not depend on: if it fails, its row says why
     torch_batchnorm: bool = False  # runs on the with_torch_batchnorm copy of the model
     note: str = ""
+    compiled: bool = False         # its first call compiles: timed and reported apart from the median
 
 
 def methods(c: BenchConfig, model: nn.Module, device: torch.device) -> list[Method]:
@@ -173,9 +193,14 @@ def methods(c: BenchConfig, model: nn.Module, device: torch.device) -> list[Meth
             if c.chunk_size:
                 rows.append(Method(f"mlcore vmap chunk={c.chunk_size}, meta_backward",
                                    mlcore_step(s, whole_graph=False, chunk_size=c.chunk_size)))
-        else:
+        elif s == "auto":
             rows.append(Method(f"mlcore auto (-> {resolve_strategy(s, model, device)}), meta_backward",
                                mlcore_step(s, whole_graph=False), note="what train_step runs"))
+        else:
+            rows += [Method("mlcore compiled" + (f" {mode}" if mode != "default" else "") + ", meta_backward",
+                            mlcore_step("auto", whole_graph=False, compile=mode), compiled=True,
+                            note="compile=" + ("True" if mode == "default" else repr(mode)))
+                     for mode in c.compile_modes]
     bn = c.benchmark == "maml" and c.norm == "batch"
     rows.append(Method("torch.func.vmap recipe" + (", nn.BatchNorm2d" if bn else ""), functorch_recipe_step,
                        torch_batchnorm=bn, note="naive fast version" if bn else "independent vmap implementation"))
@@ -235,6 +260,7 @@ class Row:
     speedup_vs_loop: float | None = None
     grad_err: float | None = None      # at the benchmarked size and dtype, vs the per-task loop
     grad_err_f64: float | None = None  # float64 tiny instance, vs the per-task loop
+    first_call_s: float | None = None  # compiled rows: the first call at this size (compiling), untimed otherwise
     verdict: str = ""                  # "reference", "exact", "WRONG"; "" for a row that did not run
     note: str = ""
 
@@ -268,8 +294,11 @@ def run(c: BenchConfig) -> dict:
                     with num_threads(1):  # at the toy size more threads only add hand-offs
                         g64 = meta_gradient(m.build(pt, first_order), pt.model)
                     step = m.build(p, first_order)
+                    started = time.perf_counter()
                     with exact_matmuls(device):
                         g = meta_gradient(step, p.model)
+                        synchronize(device)
+                    first_call = time.perf_counter() - started
                 except Exception as error:
                     if not m.optional:
                         raise
@@ -280,8 +309,10 @@ def run(c: BenchConfig) -> dict:
                 ref, ref64 = references.setdefault(order, (g, g64))  # the first row, the per-task loop
                 err64 = relative_error(g64, ref64)
                 verdict = "reference" if g is ref else "exact" if err64 < EXACT_F64 else "WRONG"
+                note = f"{m.note}; first call {first_call:.1f} s (compiling), not in the median" if m.compiled \
+                    else m.note
                 rows.append(Row(m.name, order, grad_err=relative_error(g, ref), grad_err_f64=err64, verdict=verdict,
-                                note=m.note))
+                                note=note, first_call_s=first_call if m.compiled else None))
                 steps.append(fresh(p.model, step))
         with num_threads(1):
             header["finite_difference_check"] = fd = finite_difference_check(tiny, references["2nd"][1])

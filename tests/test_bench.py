@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from mlcore import bench, timing
+from mlcore import bench, compiled, timing
 
 HIGHER = importlib.util.find_spec("higher") is not None
 TINY = ["--device", "cpu", "--meta-batch", "2", "--repeats", "1", "--warmup", "0"]
@@ -84,10 +84,28 @@ def test_sine_bench_rows(capsys):
     assert "MLP(1, (4, 4), 1)" in capsys.readouterr().out
 
 
+def test_compiled_rows_are_exact_and_report_their_first_call_apart(capsys, monkeypatch):
+    """The rows and their first-call report; dynamo's tracing only (inductor's kernels: tests/test_compiled.py)."""
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    compiled.reset()   # compile here, whatever ran before
+    report = bench.main(["sine", *TINY, "--hidden", "4", "--k-shot", "3", "--n-query", "3", "--strategies",
+                         "auto,compiled", "--compile-modes", "default,reduce-overhead", "--no-first-order"])
+    rows = rows_by_key(report)
+    for name in ("mlcore compiled, meta_backward", "mlcore compiled reduce-overhead, meta_backward"):
+        row = rows[(name, "2nd")]
+        assert row["verdict"] == "exact" and row["grad_err_f64"] < 1e-10, row
+        assert row["first_call_s"] > 0 and "first call" in row["note"] and row["median_ms"] > 0
+    assert rows[("mlcore auto (-> vmap), meta_backward", "2nd")]["first_call_s"] is None
+    assert "(compiling), not in the median" in capsys.readouterr().out
+    compiled.reset()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["maml", "--strategies", "loop,fast"], "--strategies"),
     (["maml", "--strategies", "loop", "--chunk-size", "2"], "needs 'vmap'"),
     (["maml", "--image-size", "8"], "too small"),
+    (["maml", "--strategies", "loop,compiled", "--compile-modes", "default,fast"], "--compile-modes"),
+    (["maml", "--compile-modes", "reduce-overhead"], "needs 'compiled'"),
     (["sine", "--meta-batch", "0"], "positive integer"),
     (["sine", "--inner-lr", "-1"], "--inner-lr"),
     (["maml", "--meta-batch", "x"], "must be a positive integer, got 'x'"),
