@@ -39,8 +39,9 @@ FIGURE_DPI = 100
 #: article column with theme/static/book.css, measured in Chromium). A wider PNG is scaled down to it,
 #: and its text with it: a figure at most this wide is shown at its own size.
 TEXT_COLUMN_PX = 728
-#: Default figure width in inches: FIGURE_WIDTH * FIGURE_DPI = 700 px fits TEXT_COLUMN_PX with room for
-#: what ``bbox_inches="tight"`` adds. Chapters that set ``figsize`` stay at or below 7.2 in.
+#: Default figure width in inches, and the widest a chapter's ``figsize`` should be: 700 px at
+#: FIGURE_DPI, which leaves TEXT_COLUMN_PX room for the ~10 px that the inline backend's
+#: ``bbox_inches="tight"`` adds (a 7.2-in figure is stored about 730 px wide, and scaled down).
 FIGURE_WIDTH = 7.0
 
 
