@@ -14,9 +14,9 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from mlcore.viz import grid_player  # noqa: E402
+from mlcore.viz import grid_player
 
 AXES = {"α": (0.1, 0.3), "inner steps": (0, 1, 2)}
 

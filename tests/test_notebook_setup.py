@@ -13,10 +13,10 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.font_manager import FontProperties  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.font_manager import FontProperties
 
-from mlcore.notebook import FIGURE_DPI, FIGURE_WIDTH, TEXT_COLUMN_PX, setup  # noqa: E402
+from mlcore.notebook import FIGURE_DPI, FIGURE_WIDTH, TEXT_COLUMN_PX, setup
 
 MIN_POINTS = 9          # nothing smaller on the page (legends, tick labels)
 TEXT_KEYS = ("legend.fontsize", "legend.title_fontsize", "xtick.labelsize", "ytick.labelsize",
