@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECORD_FORMAT", "sha256", "update_record", "load_records", "summarise", "Summary", "t_quantile",
+__all__ = ["RECORD_FORMAT", "sha256", "sessions", "update_record", "load_records", "summarise", "Summary", "t_quantile",
            "time_to"]
 
 RECORD_FORMAT = "mlcore.results/1"
@@ -57,8 +57,9 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _sessions(run: Path) -> list[dict[str, Any]]:
-    path = run / "sessions.jsonl"
+def sessions(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """The training sessions of a run folder, one dict per line of ``RUN/sessions.jsonl`` ([] if none)."""
+    path = Path(run) / "sessions.jsonl"
     if not path.exists():
         return []
     out = []
@@ -85,11 +86,11 @@ def update_record(run: str | os.PathLike, evaluation: dict[str, Any], *, checkpo
     path = run / "record.json"
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     config = json.loads((run / "config.json").read_text())["config"]
-    sessions = _sessions(run)
+    run_sessions = sessions(run)
     training = dict(old.get("training", {}))
-    training["sessions"] = sessions
-    training["devices"] = sorted({s["device"] for s in sessions})
-    training["torch"] = sorted({s["torch"] for s in sessions})
+    training["sessions"] = run_sessions
+    training["devices"] = sorted({s["device"] for s in run_sessions})
+    training["torch"] = sorted({s["torch"] for s in run_sessions})
     if history is not None and len(history):
         metric = "val_acc" if "val_acc" in history else "val_mse" if "val_mse" in history else None
         steps, wall, values = [], [], []
