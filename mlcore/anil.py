@@ -47,7 +47,7 @@ from torch.func import functional_call
 from . import checks, family, maml
 from .family import MetaStep, Step
 from .inner import InnerLR, LossFn, Rates
-from .models import BodyHead
+from .models import BodyHead, per_step_norms
 from .tasks import TaskBatch
 
 __all__ = ["head_names", "task_loss", "meta_loss", "meta_backward", "train_step", "predict"]
@@ -78,8 +78,9 @@ def head_names(params: Mapping[str, Tensor], head: str | Collection[str]) -> tup
 
 
 def can_reuse_features(model: nn.Module, params: Mapping[str, Tensor], names: Sequence[str]) -> bool:
-    """True when ``model`` is a :class:`~mlcore.models.BodyHead` and ``names`` are its head's parameters."""
-    if not isinstance(model, BodyHead) or model.head is None:
+    """True when ``model`` is a :class:`~mlcore.models.BodyHead` and ``names`` are its head's parameters, and
+    its body has no MAML++ per-step batch norm (whose features differ from step to step)."""
+    if not isinstance(model, BodyHead) or model.head is None or per_step_norms(model):
         return False
     head = {f"head.{n}" for n, _ in model.head.named_parameters()}
     return set(names) == head and all(n.startswith("body.") for n in params if n not in head)
@@ -117,7 +118,8 @@ def _objective(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch,
     can_reuse = can_reuse_features(model, params, names)
     if reuse_features and not can_reuse:
         raise ValueError(f"reuse_features=True needs a mlcore.models.BodyHead (MLP, Conv4, or a subclass) with "
-                         f"head={head!r} naming exactly its 'head' module's parameters; got "
+                         f"head={head!r} naming exactly its 'head' module's parameters (and no per-step batch "
+                         f"norm); got "
                          f"{type(model).__name__} and head names {list(names)}")
     reuse = can_reuse if reuse_features is None else bool(reuse_features)
     if reuse:

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .inner import STRATEGIES, resolve_strategy
+from .models import per_step_norms
 from .tasks import TaskBatch
 
 __all__ = ["MODES", "CompileFallbackWarning", "MetaGradient", "resolve_mode", "resolve_strategy_for_compile",
@@ -107,6 +108,11 @@ def resolve_strategy_for_compile(strategy: str, model: nn.Module, device: torch.
     if dropout:
         raise ValueError(f"compile= batches the tasks with vmap, which refuses the random operations of the active "
                          f"dropout layers {dropout[:3]}; use compile=False (the per-task loop) or model.eval()")
+    per_step = list(per_step_norms(model))
+    if per_step:
+        raise ValueError(f"compile= does not support MAML++ per-step batch norm (layers {per_step[:3]}): the "
+                         f"inner-step index reaches those layers through a Python context variable, which the compiled "
+                         f"graph is not checked to follow; use compile=False (the eager loop or vmap, both exact)")
     return resolve_strategy("vmap", model, device)   # raises for torch.nn batch norm (a wrong meta-gradient)
 
 

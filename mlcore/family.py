@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, compiled
-from .inner import InnerLR, resolve_strategy
+from .inner import InnerLR, adapted, resolve_strategy
+from .models import frozen_running_stats
 from .tasks import TaskBatch
 
 __all__ = ["MetaStep", "Step", "Inputs", "Prepared", "over_tasks", "prepare", "run", "train_step", "predict",
@@ -134,7 +135,7 @@ def prepare(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatch, *,
     checks.params(model, params)
     checks.tasks(tasks, params, loss_fn)
     steps = checks.non_negative_int("inner_steps", inner_steps)
-    rates = checks.rates(inner_lr, steps, params, checks.adapted_names(params, adapt, steps))
+    rates = checks.rates(inner_lr, steps, params, adapted(model, params, adapt, steps))
     weights = checks.step_weights(step_weights, steps, tasks.x_query)
     mode = compiled.resolve_mode(compile)
     how = resolve_strategy(strategy, model, tasks.device) if mode is None else \
@@ -187,8 +188,9 @@ def train_step(meta_backward: Callable[..., MetaStep], model: nn.Module, params:
 
 def predict(objective: Callable[..., MetaStep], model: nn.Module, params: Mapping[str, Tensor],
             tasks: TaskBatch, *, inner_lr: InnerLR, **kwargs: object) -> Tensor:
-    """Query outputs after adaptation, detached: ``objective`` run first-order on detached θ and α."""
-    with torch.no_grad():  # the inner loop takes its gradients under enable_grad, at detached leaves
+    """Query outputs after adaptation, detached: ``objective`` run first-order on detached θ and α; MAML++
+    per-step batch norm updates no running statistics meanwhile (evaluating leaves the model unchanged)."""
+    with torch.no_grad(), frozen_running_stats():  # the inner loop takes its gradients under enable_grad
         return objective(model, _detached(params), tasks, inner_lr=_detached(inner_lr), first_order=True,
                          check_finite=False, **kwargs).outputs
 

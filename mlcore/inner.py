@@ -17,6 +17,11 @@ code               paper           meaning
 ``adapt``          —               names of the parameters that move (ANIL: the head only)
 =================  ==============  =========================================================
 
+MAML++'s per-step batch norm (Antoniou et al. 2019, §4, BNWB/BNRS; :class:`mlcore.models.PerStepBatchNorm2d`)
+needs to know the step: :func:`trajectory` runs the support forward at θ_j inside
+``models.inner_step(j)`` and :func:`outputs_at` runs a query forward at θ_k at index k − 1 (the step
+whose update produced θ_k, as in the authors' code). For any other network the index is unused.
+
 The adapted parameters stay differentiable functions of θ, so back-propagating the query loss through
 them gives the exact second-order meta-gradient ∇_θ L_query(θ_S) = Π_j (I − α H_j) ∇ L_query(θ_S),
 with Hessian-vector products only. ``first_order=True`` takes the inner gradient at a detached θ_j:
@@ -35,6 +40,7 @@ always called with ``torch.func.functional_call`` on the parameter dict.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
@@ -43,10 +49,11 @@ from torch.func import functional_call
 
 from . import checks
 from .checks import InnerLoopDivergedError, InnerLR
+from .models import inner_step, per_step_norms
 from .tasks import TaskBatch
 
-__all__ = ["inner_loop", "trajectory", "support_grad", "query_losses", "resolve_strategy", "InnerLR", "LossFn",
-           "InnerLoopDivergedError", "STRATEGIES"]
+__all__ = ["inner_loop", "trajectory", "support_grad", "outputs_at", "adapted", "query_losses", "resolve_strategy",
+           "InnerLR", "LossFn", "InnerLoopDivergedError", "STRATEGIES"]
 
 STRATEGIES = ("auto", "loop", "vmap")
 
@@ -66,7 +73,7 @@ def inner_loop(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
     """
     checks.params(model, params)
     steps = checks.non_negative_int("inner_steps", inner_steps)
-    names = checks.adapted_names(params, adapt, steps)
+    names = adapted(model, params, adapt, steps)
     rates = checks.rates(inner_lr, steps, params, names)
     return trajectory(model, params, x, y, loss_fn=loss_fn, rates=rates, first_order=first_order,
                       vmapped=vmapped)
@@ -77,9 +84,10 @@ def trajectory(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Ten
     """:func:`inner_loop` without the argument checks: ``rates[j]`` maps each adapted name to α_j."""
     theta = dict(params)
     path = [theta]
-    for rate in rates:
-        grads = support_grad(model, theta, x, y, loss_fn=loss_fn, names=list(rate), first_order=first_order,
-                             vmapped=vmapped)
+    for j, rate in enumerate(rates):
+        with _at_step(model, j):   # MAML++ per-step batch norm: the support forward at θ_j uses γ_j, β_j
+            grads = support_grad(model, theta, x, y, loss_fn=loss_fn, names=list(rate), first_order=first_order,
+                                 vmapped=vmapped)
         theta = {**theta, **{n: theta[n] - rate[n] * grads[n] for n in rate}}   # θ_{j+1} = θ_j − α_j ∇L
         path.append(theta)
     return path
@@ -111,6 +119,39 @@ def support_grad(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Te
     return dict(zip(leaves, grads, strict=True))
 
 
+def outputs_at(model: nn.Module, path: Sequence[Mapping[str, Tensor]], k: int, x: Tensor) -> Tensor:
+    """f_{θ_k}(x), θ_k = ``path[k]``, with per-step layers at step index max(k − 1, 0): the query forward
+    after inner step j (θ_{j+1}) uses index j, as in Antoniou et al.'s code; θ_0 uses 0, like its support
+    forward."""
+    with _at_step(model, max(k - 1, 0)):
+        return functional_call(model, path[k], (x,))
+
+
+def _at_step(model: nn.Module, j: int) -> contextlib.AbstractContextManager:
+    """``models.inner_step(j)`` for a network with per-step layers, nothing otherwise (a ContextVar is not
+    something torch.compile's tracing follows, and the compiled path runs networks without such layers)."""
+    return inner_step(j) if per_step_norms(model) else contextlib.nullcontext()
+
+
+def adapted(model: nn.Module, params: Mapping[str, Tensor], adapt: Collection[str] | None,
+            inner_steps: int) -> list[str]:
+    """The names of the parameters the inner loop moves (:func:`mlcore.checks.adapted_names`), where
+    ``adapt=None`` means all of them except MAML++'s per-step batch-norm γ_j, β_j (meta-learned only, as in
+    the authors' code; a layer's ``inner_adapt = True`` includes them). Raises unless every per-step layer
+    was built for ``inner_steps`` steps."""
+    layers = per_step_norms(model)
+    wrong = {n: m.steps for n, m in layers.items() if m.steps != inner_steps}
+    if wrong:
+        raise ValueError(
+            f"the per-step batch-norm layers {dict(list(wrong.items())[:3])} (name: steps S) keep one γ_j, β_j and "
+            f"one set of running statistics per inner step j = 0..S-1, but inner_steps={inner_steps}: run "
+            f"inner_steps=S, or build the network with Conv4(norm='batch', per_step_bn={inner_steps})")
+    if adapt is None and layers:
+        meta_only = {f"{n}.{p}" for n, m in layers.items() if not m.inner_adapt for p in ("weight", "bias")}
+        adapt = [n for n in params if n not in meta_only]
+    return checks.adapted_names(params, adapt, inner_steps)
+
+
 def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> str:
     """Pick how tasks are batched: ``"loop"`` (one task after another) or ``"vmap"`` (all at once).
 
@@ -119,7 +160,8 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> s
     batched convolutions under vmap measured slower than the per-task loop: ``python -m mlcore.bench``).
     Models holding ``torch.nn`` batch-norm layers always get ``"loop"``: under vmap their affine
     parameters receive a wrong second-order meta-gradient (see chapter 3); models with active dropout
-    too (vmap refuses random operations unless told how to batch them).
+    too (vmap refuses random operations unless told how to batch them), and models whose per-step batch norm
+    updates its running statistics (an in-place update shared by all tasks, impossible under vmap).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -129,10 +171,17 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device) -> s
             f"strategy='vmap' with torch.nn batch-norm layers {torch_bn[:3]}: vmap over tasks returns a WRONG "
             f"second-order meta-gradient through nn.BatchNorm2d's affine parameters, silently. Use "
             f"mlcore.models.BatchStatNorm2d (Conv4(norm='batch')) or strategy='loop'.")
+    updating = [n for n, m in per_step_norms(model).items() if m.updates_running_stats]
+    if strategy == "vmap" and updating:
+        raise ValueError(
+            f"strategy='vmap' with per-step batch-norm layers {updating[:3]} that update their running statistics "
+            f"(training mode): one in-place update shared by all tasks cannot happen inside vmap. Use "
+            f"strategy='loop' (or 'auto'), model.eval(), track_running_stats = False on the layers, or "
+            f"mlcore.models.frozen_running_stats()")
     if strategy != "auto":
         return strategy
     dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
-    if torch_bn or dropout:
+    if torch_bn or dropout or updating:
         return "loop"
     if device.type == "cuda":
         return "vmap"
@@ -154,13 +203,13 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], tasks: TaskBatc
     at = [steps] if eval_steps is None else list(eval_steps)
     if not at or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= steps for k in at):
         raise ValueError(f"eval_steps must be integers in 0..inner_steps={steps}, got {eval_steps!r}")
-    rates = checks.rates(inner_lr, steps, params, checks.adapted_names(params, adapt, steps))
+    rates = checks.rates(inner_lr, steps, params, adapted(model, params, adapt, steps))
     how = resolve_strategy(strategy, model, tasks.device)
 
     def one_task(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, vmapped: bool) -> tuple[Tensor, Tensor]:
         path = trajectory(model, params, xs, ys, loss_fn=loss_fn, rates=rates, first_order=first_order,
                           vmapped=vmapped)
-        outs = {k: functional_call(model, path[k], (xq,)) for k in set(at)}
+        outs = {k: outputs_at(model, path, k, xq) for k in set(at)}
         return torch.stack([loss_fn(outs[k], yq) for k in at]), outs[at[-1]]
 
     data = (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)

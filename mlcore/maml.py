@@ -23,6 +23,9 @@ MAML++ options (Antoniou et al. 2019, "How to train your MAML"):
   training signal; the paper anneals the weights towards the last step during training.
 - per-layer per-step learning rates (LSLR): pass ``inner_lr`` as a list of S dicts of learnable
   tensors (see :func:`per_step_learning_rates`) and give them to the outer optimiser.
+- per-step batch normalisation (BNWB and BNRS, their §4): build the network with
+  ``Conv4(norm="batch", per_step_bn=inner_steps)`` (:class:`mlcore.models.PerStepBatchNorm2d`); the inner
+  loop and the query forwards tell its layers the step index (:func:`mlcore.inner.outputs_at`).
 
 The inner loop lives in :mod:`mlcore.inner`; this file writes down one task's objective
 (:func:`task_loss`); :mod:`mlcore.family` turns it into ``meta_loss`` (a differentiable scalar),
@@ -35,11 +38,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from . import checks, family
 from .family import MetaStep, Step
-from .inner import InnerLR, LossFn, Rates, trajectory
+from .inner import InnerLR, LossFn, Rates, adapted, outputs_at, trajectory
 from .tasks import TaskBatch
 
 __all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "predict", "per_step_learning_rates"]
@@ -48,7 +50,9 @@ __all__ = ["adapt", "task_loss", "meta_loss", "meta_backward", "train_step", "pr
 def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, loss_fn: LossFn,
           inner_lr: InnerLR, inner_steps: int, first_order: bool = False,
           check_finite: bool = True, vmapped: bool = False) -> dict[str, Tensor]:
-    """Adapt θ to ONE task's support set (x (n, ...), y (n, ...)); return θ_S as a new dict.
+    """Adapt θ to ONE task's support set (x (n, ...), y (n, ...)); return θ_S as a new dict (every
+    parameter moves but MAML++'s per-step batch-norm γ_j, β_j, which are meta-learned only:
+    :func:`mlcore.inner.adapted`).
 
     ``params`` is untouched (no in-place update). The result is differentiable w.r.t. ``params``
     unless ``first_order``; under ``torch.no_grad()`` adaptation still works (for evaluation).
@@ -66,7 +70,7 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
                          f"pooled into one task. Use meta_loss or predict for a TaskBatch, or pass tasks[i]'s "
                          f"x_support[0], y_support[0]")
     steps = checks.non_negative_int("inner_steps", inner_steps)
-    rates = checks.rates(inner_lr, steps, params, list(params))
+    rates = checks.rates(inner_lr, steps, params, adapted(model, params, None, steps))
     theta = trajectory(model, params, x, y, loss_fn=loss_fn, rates=rates, first_order=first_order,
                        vmapped=vmapped)[-1]
     if check_finite:
@@ -81,14 +85,16 @@ def task_loss(model: nn.Module, params: Mapping[str, Tensor], x_s: Tensor, y_s: 
     """One task's term of the MAML objective and its query outputs: adapt on (x_s, y_s), score (x_q, y_q).
 
     ``rates[j]`` maps each parameter to α_j (checked by the caller). With MAML++ ``step_weights``
-    (w_1 … w_S) the term is Σ_j w_j L(θ_j; D^ts) instead of L(θ_S; D^ts).
+    (w_1 … w_S) the term is Σ_j w_j L(θ_j; D^ts) instead of L(θ_S; D^ts). The query forwards go through
+    :func:`mlcore.inner.outputs_at` (MAML++ per-step batch norm: the query at θ_j uses step index j − 1).
     """
     path = trajectory(model, params, x_s, y_s, loss_fn=loss_fn, rates=rates, first_order=first_order,
                       vmapped=vmapped)                                           # θ_0 = θ, …, θ_S = θ'_i
+    steps = len(path) - 1
     if step_weights is None:
-        outputs = functional_call(model, path[-1], (x_q,))
+        outputs = outputs_at(model, path, steps, x_q)
         return loss_fn(outputs, y_q), outputs                                    # L_{T_i}(f_{θ'_i}; D^ts_i)
-    outputs = [functional_call(model, theta, (x_q,)) for theta in path[1:]]
+    outputs = [outputs_at(model, path, k, x_q) for k in range(1, steps + 1)]
     return sum(w * loss_fn(out, y_q) for w, out in zip(step_weights, outputs, strict=True)), outputs[-1]
 
 
