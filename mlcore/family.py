@@ -191,8 +191,18 @@ def predict(objective: Callable[..., MetaStep], model: nn.Module, params: Mappin
     """Query outputs after adaptation, detached: ``objective`` run first-order on detached θ and α; MAML++
     per-step batch norm updates no running statistics meanwhile (evaluating leaves the model unchanged)."""
     with torch.no_grad(), frozen_running_stats():  # the inner loop takes its gradients under enable_grad
-        return objective(model, _detached(params), tasks, inner_lr=_detached(inner_lr), first_order=True,
-                         check_finite=False, **kwargs).outputs
+        outputs = objective(model, _detached(params), tasks, inner_lr=_detached(inner_lr), first_order=True,
+                            check_finite=False, **kwargs).outputs
+    # A test-time inner loop that diverges must not turn into a silent NaN score (argmax of NaN is class 0).
+    finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(1)    # (meta_batch,)
+    if not bool(finite.all()):
+        steps = kwargs.get("inner_steps")
+        raise checks.InnerLoopDivergedError(
+            f"predict: the test-time inner loop diverged ({int((~finite).sum())} of {finite.numel()} tasks "
+            f"have non-finite query outputs after {steps} inner steps at inner_lr={_describe(inner_lr)}); "
+            f"use a smaller inner_lr or fewer inner_steps at test time (more steps than in training can "
+            f"diverge at a rate that trained fine)")
+    return outputs
 
 
 def accuracy(outputs: Tensor, tasks: TaskBatch) -> float | None:
@@ -200,6 +210,14 @@ def accuracy(outputs: Tensor, tasks: TaskBatch) -> float | None:
     if not tasks.is_classification:
         return None
     return (outputs.detach().argmax(-1) == tasks.y_query).float().mean().item()
+
+
+def _describe(rate: object) -> str:
+    if isinstance(rate, (int, float)):
+        return f"{rate:g}"
+    if isinstance(rate, Tensor) and rate.numel() == 1:
+        return f"{rate.item():g}"
+    return f"a learned {type(rate).__name__} of rates"
 
 
 def _detached(value: object) -> object:

@@ -223,3 +223,13 @@ def test_a_diverging_inner_loop_raises_unless_asked_not_to():
     assert not torch.isfinite(maml.meta_loss(model, params, tasks, check_finite=False, **kwargs))
     with pytest.raises(InnerLoopDivergedError, match="adapted parameters"):
         maml.adapt(model, params, tasks.x_support[0], tasks.y_support[0], **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_predict_raises_when_the_test_time_inner_loop_diverges(strategy):
+    # A NaN query output would score as class 0 under argmax and as NaN MSE: predict must say why instead.
+    model, params, tasks = tiny(dtype=torch.float32)
+    ok = maml.predict(model, params, tasks, loss_fn=F.mse_loss, inner_lr=ALPHA, inner_steps=2, strategy=strategy)
+    assert torch.isfinite(ok).all()
+    with pytest.raises(InnerLoopDivergedError, match=r"test-time inner loop diverged \(\d+ of \d+ tasks.*1e\+08"):
+        maml.predict(model, params, tasks, loss_fn=F.mse_loss, inner_lr=1e8, inner_steps=5, strategy=strategy)
