@@ -5,6 +5,9 @@ Each part writes one JSON file under results/maml_in_practice/ that the chapter 
     python scripts/maml_in_practice.py sine-fixes       # MAML++ fixes one by one on sine, 3 seeds
     python scripts/maml_in_practice.py sine-fixes --configs 0,1  # a subset (rows of SINE_FIXES): run
                                                         # subsets in parallel, each to its own file
+    python scripts/maml_in_practice.py sine-edge        # the same fixes at alpha = 0.1, where MAML diverges
+    python scripts/maml_in_practice.py sine-grids       # alpha x S_train and B x beta on sine, 3 seeds
+    python scripts/maml_in_practice.py omniglot-fixes   # the MAML++ fixes on Omniglot (S = 3), 3 seeds
     python scripts/maml_in_practice.py omniglot-extra   # BatchNorm at test time, alpha grid, Meta-SGD,
                                                         # a pre-trained embedding baseline, 3 seeds
 
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 
 from mlcore import maml, metasgd, protonet
 from mlcore.checks import InnerLoopDivergedError
-from mlcore.models import MLP, BatchStatNorm2d, Conv4
+from mlcore.models import MLP, BatchStatNorm2d, Conv4, use_running_stats
 from mlcore.tasks import SineTasks
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "maml_in_practice"
@@ -144,8 +147,13 @@ def sine_eval_set():
 
 
 def sine_test_mse(model, params, rates, S_test: int, tasks) -> float:
-    out = maml.predict(model, params, tasks, loss_fn=F.mse_loss, inner_lr=rates_detached(rates), inner_steps=S_test)
-    return float(((out - tasks.y_query) ** 2).mean())       # mean over the 200 tasks × 100 query points
+    """Mean query MSE over the 200 tasks × 100 points; NaN (recorded as such) if the test-time loop diverges."""
+    try:
+        out = maml.predict(model, params, tasks, loss_fn=F.mse_loss, inner_lr=rates_detached(rates),
+                           inner_steps=S_test)
+    except InnerLoopDivergedError:
+        return math.nan
+    return float(((out - tasks.y_query) ** 2).mean())
 
 
 def sine_run(cfg: dict, seed: int, steps: int, eval_steps: list[int] | None = None) -> dict:
@@ -177,8 +185,8 @@ SINE_FIXES = {   # one budget: S = 5, alpha = 0.03 (plain MAML's gradient norm s
 }
 
 
-def part_sine_fixes(configs: list[int] | None = None) -> dict:
-    base = {**SINE, "S": 5, "alpha": 0.03}
+def part_sine_fixes(configs: list[int] | None = None, alpha: float = 0.03) -> dict:
+    base = {**SINE, "S": 5, "alpha": alpha}
     steps, seeds = budget(300, [0, 1, 2])
     runs = {}
     for i, (name, fix) in enumerate(SINE_FIXES.items()):
@@ -193,6 +201,43 @@ def part_sine_fixes(configs: list[int] | None = None) -> dict:
     return {"config": {**base, "steps": steps, "seeds": seeds, "test": "200 fixed tasks (seed 1234), K=10, 100 "
                        "query points each", "da_fraction": 1 / 3, "msl_anneal_fraction": 0.5,
                        "cosine_eta_min": "0.01 beta"}, "runs": runs}
+
+
+SINE_ALPHAS, SINE_STEPS = (0.003, 0.01, 0.03, 0.1, 0.3), (1, 3, 5, 10)
+SINE_BATCHES, SINE_BETAS = (1, 5, 25, 100), (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def part_sine_grids() -> dict:
+    """Two grids on sine, 3 seeds, one budget (300 outer steps each):
+
+    - alpha x S_train (B = 25, beta = 1e-3), tested with S_test = S_train and with S_test = 10;
+    - B x beta (alpha = 0.01, S = 1), tested with S_test = 1 and 10. A larger B sees more tasks in the
+      same number of steps: the grid holds the number of steps fixed, as a practitioner's budget would.
+    """
+    steps, seeds = budget(300, [0, 1, 2])
+    a_s, b_b = [], []
+    for alpha in SINE_ALPHAS:
+        for S in SINE_STEPS:
+            for seed in seeds:
+                rec = sine_run({**SINE, "alpha": alpha, "S": S}, seed, steps, eval_steps=sorted({S, 10}))
+                a_s.append({"alpha": alpha, "S": S, **{k: v for k, v in rec.items() if "per_window" not in k}})
+                print(f"sine-grids alpha={alpha} S={S} seed {seed}: {rec.get('test_mse_at')} "
+                      f"diverged {rec['diverged_at']} max|g| {rec['grad_norm_max']}", flush=True)
+    for B in SINE_BATCHES:
+        for beta in SINE_BETAS:
+            for seed in seeds:
+                rec = sine_run({**SINE, "B": B, "beta": beta}, seed, steps, eval_steps=[1, 10])
+                b_b.append({"B": B, "beta": beta, **{k: v for k, v in rec.items() if "per_window" not in k}})
+                print(f"sine-grids B={B} beta={beta} seed {seed}: {rec.get('test_mse_at')} "
+                      f"diverged {rec['diverged_at']}", flush=True)
+    return {"config": {**SINE, "steps": steps, "seeds": seeds, "test": "200 fixed tasks (seed 1234), K=10, 100 "
+                       "query points each"}, "alpha_S": a_s, "B_beta": b_b}
+
+
+def part_sine_edge(configs: list[int] | None = None) -> dict:
+    """The same fixes at the edge of divergence: S = 5, alpha = 0.1, where plain MAML diverges on two of
+    three seeds in the alpha x S grid (the sine-grids part)."""
+    return part_sine_fixes(configs, alpha=0.1)
 
 
 # ---------------------------------------------------------------- Omniglot
@@ -239,7 +284,9 @@ def omni_test(predict, sampler_fn, x_te, y_te) -> dict:
 
 def omni_model(cfg, seed, norm="batch"):
     torch.manual_seed(seed)
-    return Conv4(1, 5, hidden=cfg["hidden"], norm=norm)
+    # MAML++ per-step batch norm: (S, C) scales and shifts (BNWB) and running statistics (BNRS)
+    per_step = cfg["S"] if cfg.get("per_step_bn") else None
+    return Conv4(1, 5, hidden=cfg["hidden"], norm=norm, per_step_bn=per_step)
 
 
 def omni_run(cfg: dict, seed: int, steps: int, data, norm="batch", S_test: int | None = None) -> tuple[dict, dict]:
@@ -251,8 +298,14 @@ def omni_run(cfg: dict, seed: int, steps: int, data, norm="batch", S_test: int |
     if run["diverged_at"] is None:
         rates = rates_detached(run["rates"])
         params = {n: p.detach() for n, p in run["params"].items()}
-        rec["test"] = omni_test(lambda t: maml.predict(model, params, t, loss_fn=F.cross_entropy, inner_lr=rates,
-                                                       inner_steps=S_test or cfg["S"]), sampler_fn, x_te, y_te)
+        def predict(t):
+            return maml.predict(model, params, t, loss_fn=F.cross_entropy, inner_lr=rates,
+                                inner_steps=S_test or cfg["S"])
+        rec["test"] = omni_test(predict, sampler_fn, x_te, y_te)
+        if cfg.get("per_step_bn"):   # BNRS used: each step's running statistics, not transductive
+            use_running_stats(model)
+            rec["test_running_stats"] = omni_test(predict, sampler_fn, x_te, y_te)
+            use_running_stats(model, False)
     return rec, {"model": model, "params": run["params"], "rates": run["rates"]}
 
 
@@ -392,20 +445,63 @@ def part_omniglot_extra() -> dict:
     return out
 
 
-PARTS = {"sine-fixes": part_sine_fixes, 
-         "omniglot-extra": part_omniglot_extra}
+OMNI_FIXES = {   # S = 3 inner steps at alpha = 0.4 (MAML trains with 1): the regime the fixes target
+    "MAML": {},
+    "+ multi-step loss": {"msl": True},
+    "+ LSLR": {"lslr": True},
+    "+ derivative-order annealing": {"da": True},
+    "+ cosine annealing of beta": {"cosine": True},
+    "all four": {"msl": True, "lslr": True, "da": True, "cosine": True},
+    "+ per-step batch norm (BNWB, BNRS)": {"per_step_bn": True},
+    "all four + per-step batch norm": {"msl": True, "lslr": True, "da": True, "cosine": True,
+                                       "per_step_bn": True},
+}
+
+
+def part_omniglot_fixes(configs: list[int] | None = None) -> dict:
+    """The MAML++ fixes one by one on Omniglot 5-way 1-shot, S = 3 in training and at test, 3 seeds,
+    the same 100 test episodes for every run (paired by seed and episode)."""
+    steps, seeds = budget(300, [0, 1, 2])
+    data = omniglot()
+    base = {**OMNI, "S": 3}
+    runs = {}
+    for i, (name, fix) in enumerate(OMNI_FIXES.items()):
+        if configs is not None and i not in configs:
+            continue
+        runs[name] = []
+        for seed in seeds:
+            rec = omni_run({**base, **fix}, seed, steps, data)[0]
+            rec = {k: v for k, v in rec.items() if k != "grad_norm_median_per_window"}
+            if fix.get("lslr") and rec.get("diverged_at") is None:
+                rec["note"] = "learned rates not stored"
+            runs[name].append(rec)
+            print(f"omniglot-fixes {name:30s} seed {seed}: {rec.get('test', {}).get('acc')} "
+                  f"max|g| {rec['grad_norm_max']} spikes {rec['spikes_10x']} {rec['ms_per_step']} ms/step",
+                  flush=True)
+    return {"config": {**base, "steps": steps, "seeds": seeds, "test": f"{N_TEST} test episodes (sampler seed "
+                       "0), 10 queries per class, S_test = 3", "da_fraction": 1 / 3, "msl_anneal_fraction": 0.5,
+                       "cosine_eta_min": "0.01 beta"}, "runs": runs}
+
+
+PARTS = {"sine-fixes": part_sine_fixes, "sine-edge": part_sine_edge, "sine-grids": part_sine_grids,
+         "omniglot-extra": part_omniglot_extra, "omniglot-fixes": part_omniglot_fixes}
+CONFIGURABLE = {"sine-fixes": SINE_FIXES, "sine-edge": SINE_FIXES, "omniglot-fixes": OMNI_FIXES}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))
-    parser.add_argument("--configs", help="sine-fixes only: comma-separated row numbers of SINE_FIXES")
+    parser.add_argument("--configs", help="sine-fixes, sine-edge and omniglot-fixes only: comma-separated "
+                        "row numbers of SINE_FIXES / OMNI_FIXES")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     configs = [int(c) for c in args.configs.split(",")] if args.configs else None
-    if configs is not None and args.part != "sine-fixes":
-        parser.error("--configs applies to sine-fixes only")
+    if configs is not None and args.part not in CONFIGURABLE:
+        parser.error(f"--configs applies to {' and '.join(CONFIGURABLE)} only, not {args.part}")
+    if configs is not None and not all(0 <= c < len(CONFIGURABLE[args.part]) for c in configs):
+        parser.error(f"--configs {args.configs}: rows of {args.part} are 0..{len(CONFIGURABLE[args.part]) - 1} "
+                     f"({', '.join(CONFIGURABLE[args.part])})")
     result = PARTS[args.part](configs) if configs is not None else PARTS[args.part]()
     suffix = "" if configs is None else "-" + "-".join(map(str, configs))
     result["produced_by"] = f"python scripts/maml_in_practice.py {args.part}" + (
