@@ -446,12 +446,7 @@ def part_omniglot_extra() -> dict:
 
 
 OMNI_FIXES = {   # S = 3 inner steps at alpha = 0.4 (MAML trains with 1): the regime the fixes target
-    "MAML": {},
-    "+ multi-step loss": {"msl": True},
-    "+ LSLR": {"lslr": True},
-    "+ derivative-order annealing": {"da": True},
-    "+ cosine annealing of beta": {"cosine": True},
-    "all four": {"msl": True, "lslr": True, "da": True, "cosine": True},
+    **SINE_FIXES,   # the same four fixes, then the two that need a network with normalisation layers
     "+ per-step batch norm (BNWB, BNRS)": {"per_step_bn": True},
     "all four + per-step batch norm": {"msl": True, "lslr": True, "da": True, "cosine": True,
                                        "per_step_bn": True},
