@@ -46,13 +46,13 @@ from torch import Tensor, nn
 from . import anil, compiled, family, maml, matching, metasgd, protonet, reptile
 from .episodes import EpisodeSampler
 from .evaluate import Accuracy, evaluate
-from .models import MLP, Conv4
+from .models import MLP, BatchStatNorm2d, Conv4, PerStepBatchNorm2d
 from .presets import GRADIENT_METHODS, Config
 from .tasks import SineTasks, TaskBatch
 from .train import History, atomic_write, meta_train
 
-__all__ = ["Method", "build", "train", "load_model", "evaluate_model", "one_query_at_a_time", "device_name",
-           "MODEL_FORMAT", "RunFolderError"]
+__all__ = ["Method", "build", "train", "load_model", "evaluate_model", "one_query_at_a_time", "mixes_examples",
+           "device_name", "MODEL_FORMAT", "RunFolderError"]
 
 MODEL_FORMAT = "mlcore.model/1"
 VAL_SEED_OFFSET = 10_000   # validation episodes: seed + this, the same episodes at every validation
@@ -251,6 +251,24 @@ def one_query_at_a_time(predict: Callable[[TaskBatch], Tensor], chunk: int = 512
     return wrapped
 
 
+#: Layers whose output for one example depends on the other examples of its batch.
+BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, BatchStatNorm2d, PerStepBatchNorm2d)
+
+
+def mixes_examples(method: Method) -> bool:
+    """Whether any network of ``method`` holds a layer that computes statistics over the batch.
+
+    Without one (``Conv4(norm="group")`` or ``norm="none"``, the sine MLP) a query's prediction depends
+    on the support set and that query alone, in any batch: the transductive and non-transductive
+    protocols give the same predictions, and :func:`evaluate_model` scores the non-transductive
+    protocol in one batch instead of one forward pass per query (a 20-way episode with 15 queries per
+    class would otherwise embed its support set 300 times). A ``BatchNorm`` in eval mode counts as
+    mixing too: the per-query path is always right, only slower.
+    """
+    return any(isinstance(layer, BATCH_STATISTICS)
+               for module in method.modules.values() for layer in module.modules())
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class Protocol:
@@ -312,7 +330,9 @@ def evaluate_model(method: Method, protocol: Protocol, *, device: torch.device |
     def predict(tasks: TaskBatch) -> Tensor:
         return method.predict(tasks, protocol.inner_steps)
 
-    scorer = predict if protocol.transductive else one_query_at_a_time(predict)
+    # Non-transductive: one query per episode, unless no layer mixes examples (then the same predictions).
+    per_query = not protocol.transductive and mixes_examples(method)
+    scorer = one_query_at_a_time(predict) if per_query else predict
     acc: Accuracy = evaluate(scorer, sampler, n_episodes=protocol.episodes, meta_batch=meta_batch,
                              seed=protocol.seed, progress=progress)
     return {"metric": "accuracy", "mean": acc.mean, "ci95": acc.ci95, "n_episodes": acc.n_episodes,

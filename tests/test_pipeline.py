@@ -274,6 +274,36 @@ def test_one_query_at_a_time_is_per_query_prediction():
                                    protonet.predict(gn, tasks))            # GroupNorm: nothing transductive
 
 
+def test_non_transductive_batches_only_models_without_batch_statistics(tmp_path, monkeypatch):
+    """GroupNorm: the non-transductive score is computed in one batch and equals the per-query one;
+    batch statistics: every query goes through one_query_at_a_time."""
+    out = tmp_path / "gn"
+    cli.train_main(tiny_args("protonet-omniglot-1shot-gn", out))
+    gn, _ = experiment.load_model(out)
+    assert not experiment.mixes_examples(gn)
+    protocol = experiment.Protocol.of(gn.config, episodes=4, n_way=5, transductive=False)
+    per_query = experiment.one_query_at_a_time(lambda t: gn.predict(t, 0))
+    calls = []
+    real = experiment.one_query_at_a_time
+
+    def counting(predict, chunk=512):
+        calls.append(chunk)
+        return real(predict, chunk)
+    monkeypatch.setattr(experiment, "one_query_at_a_time", counting)
+    batched = experiment.evaluate_model(gn, protocol)
+    assert calls == []                                                   # one batch, no per-query pass
+    sampler = experiment.episodes("test", n_way=5, k_shot=1, n_query=15, seed=protocol.seed, device="cpu")
+    from mlcore.evaluate import evaluate
+    slow = evaluate(per_query, sampler, n_episodes=4, meta_batch=20, seed=protocol.seed)
+    assert slow.mean == pytest.approx(batched["mean"], abs=1e-12)
+
+    cli.train_main(tiny_args("protonet-omniglot-1shot", tmp_path / "bn"))
+    bn, _ = experiment.load_model(tmp_path / "bn")
+    assert experiment.mixes_examples(bn)
+    experiment.evaluate_model(bn, protocol)
+    assert len(calls) == 1                                               # batch norm: per query
+
+
 # ----------------------------------------------------------------------------------------- committed runs
 COMMITTED = sorted((ROOT / "results").glob("runs/*/record.json"))
 
