@@ -258,7 +258,7 @@ BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, BatchStatNorm2d, PerStepBat
 def mixes_examples(method: Method) -> bool:
     """Whether any network of ``method`` holds a layer that computes statistics over the batch.
 
-    Without one (``Conv4(norm="group")`` or ``norm="none"``, the sine MLP) a query's prediction depends
+    Without one (``Conv4(norm="group")`` or ``norm="none"``) a query's prediction depends
     on the support set and that query alone, in any batch: the transductive and non-transductive
     protocols give the same predictions, and :func:`evaluate_model` scores the non-transductive
     protocol in one batch instead of one forward pass per query (a 20-way episode with 15 queries per
