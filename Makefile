@@ -34,6 +34,11 @@ endif
 export PYTHONHASHSEED := 0
 export JUPYTER_PLATFORM_DIRS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Notebook kernels compute convolutions with CPU kernels whose rounding does not depend on the
+# processor (an AMD EPYC and an Intel Xeon print the same digits): mlcore.notebook.PORTABLE_CPU_ENV,
+# which scripts/run_notebook.py sets too. Only the notebook stages get it: unit tests keep torch's
+# default kernels, the ones a user of mlcore gets.
+NB_ENV := MLCORE_PORTABLE_CPU=1
 
 # $(call stage,NAME,COMMAND): run COMMAND in a subshell with errexit (not inside an `if`, where bash
 # would ignore errexit), print its duration, record pass/fail in $$failed and $$summary. Later stages
@@ -93,7 +98,7 @@ book: setup
 UNIT_CMD = "$(PY)" -m pytest tests --ignore=tests/test_site.py --durations=10
 NBVAL_CMD = nbs=$$("$(PY)" scripts/run_notebook.py --list); \
 	if [ -z "$$nbs" ]; then echo "_toc.yml lists no notebooks: nothing for nbval to check"; exit 0; fi; \
-	"$(PY)" -m pytest --nbval --nbval-current-env --nbval-sanitize-with "$(SANITIZE)" \
+	env $(NB_ENV) "$(PY)" -m pytest --nbval --nbval-current-env --nbval-sanitize-with "$(SANITIZE)" \
 	  --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) -p no:cacheprovider --durations=10 $$nbs
 SITE_CMD = MLCORE_REQUIRE_SITE=1 "$(PY)" -m pytest tests/test_site.py -p no:cacheprovider
 
@@ -119,7 +124,7 @@ site-check: setup browser
 
 test-notebook: setup
 	@test -n "$(NB)" || { echo "usage: make test-notebook NB=book/name.ipynb"; exit 2; }
-	"$(PY)" -m pytest --nbval --nbval-current-env --nbval-sanitize-with "$(SANITIZE)" \
+	env $(NB_ENV) "$(PY)" -m pytest --nbval --nbval-current-env --nbval-sanitize-with "$(SANITIZE)" \
 	  --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) -p no:cacheprovider $(NB)
 
 run-notebook: setup

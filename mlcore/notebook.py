@@ -21,9 +21,27 @@ reader has one (Colab). It touches process-wide state on purpose -- the global r
 that ``nn.Module`` initialisation and ``random``/``numpy`` calls draw from, and matplotlib's defaults --
 which is right for a notebook and wrong for a library: mlcore's own functions never call it, they
 take a ``torch.Generator`` argument instead.
+
+Stored outputs and the CPU they were computed on
+------------------------------------------------
+A float32 training run of a few hundred steps amplifies last-bit rounding differences into visible
+ones (82.1% on one machine, 82.3% on another). By default torch computes CPU convolutions with
+oneDNN (or NNPACK for large batches), which choose their code paths and blockings by the
+processor's instruction set and cache sizes, so the same chapter with the same seeds printed
+different digits on an AMD EPYC and on an Intel Xeon: exactly the chapters that train
+convolutional networks. With ``MLCORE_PORTABLE_CPU=1`` in the environment, ``setup`` switches
+oneDNN and NNPACK off on the CPU, and convolutions run as im2col + an MKL matrix product. (MKL's
+own products printed the same digits on both processors: the chapters without convolutions
+reproduced on both as they were. ``MKL_CBWR=COMPATIBLE`` would pin them too, at 2-4x the cost of
+every matrix product, so it is not set.) ``make test``, ``make test-notebook`` and
+``scripts/run_notebook.py`` set the variable (``PORTABLE_CPU_ENV``): that is how the committed
+outputs were made and how CI checks them, on whichever CPU it gets. It costs speed (a MAML step on
+Omniglot about 1.2x, a 60-way ProtoNet episode about 1.6x), so a reader running a chapter by hand
+is not slowed by it, and gets the same numbers to rounding rather than to the digit.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -31,7 +49,17 @@ import torch
 
 import mlcore
 
-__all__ = ["setup", "FIGURE_DPI", "FIGURE_WIDTH", "TEXT_COLUMN_PX"]
+__all__ = [
+    "FIGURE_DPI",
+    "FIGURE_WIDTH",
+    "PORTABLE_CPU_ENV",
+    "TEXT_COLUMN_PX",
+    "portable_cpu_kernels",
+    "setup",
+]
+
+#: The environment under which the book's stored outputs are computed and checked (see above).
+PORTABLE_CPU_ENV = {"MLCORE_PORTABLE_CPU": "1"}
 
 #: Resolution of every figure in the book (inline PNGs and saved files alike).
 FIGURE_DPI = 100
@@ -59,6 +87,9 @@ def setup(seed: int = 0, *, device: str | torch.device | None = None, verbose: b
     Returns:
         The ``torch.device`` to put models and tasks on.
 
+    With ``MLCORE_PORTABLE_CPU=1`` in the environment (``make test`` sets it), a CPU run uses
+    :func:`portable_cpu_kernels`, so that the stored outputs reproduce on any x86-64 CPU.
+
     The line printed reads ``mlcore 0.1.0 · torch 2.13.0+cpu · device cpu``. CI's sanitize file
     (``nbval_sanitize.cfg``) masks the two version numbers, so a version bump does not force
     re-executing every chapter; the device stays compared (CI runs on the CPU).
@@ -78,10 +109,26 @@ def setup(seed: int = 0, *, device: str | torch.device | None = None, verbose: b
             "Runtime → Change runtime type → GPU, then run the notebook again; locally, omit device."
         )
 
+    portable = os.environ.get("MLCORE_PORTABLE_CPU", "0")
+    if portable not in ("0", "1"):
+        raise ValueError(f"setup: MLCORE_PORTABLE_CPU must be 0 or 1, got {portable!r}")
+    if device.type == "cpu" and portable == "1":
+        portable_cpu_kernels()
     _figure_defaults()
     if verbose:
         print(f"mlcore {mlcore.__version__} · torch {torch.__version__} · device {device}")
     return device
+
+
+def portable_cpu_kernels() -> None:
+    """Compute CPU convolutions with kernels whose rounding does not depend on the processor.
+
+    Switches torch's oneDNN and NNPACK off for this process: convolutions (and their gradients) fall
+    back to im2col + an MKL matrix product. Called by ``setup`` when ``MLCORE_PORTABLE_CPU=1``; see
+    the module docstring for why, and what it costs.
+    """
+    torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
 
 
 def _figure_defaults() -> None:

@@ -8,7 +8,8 @@
 
 Run it with the book's environment (``.venv/bin/python``, or ``make run-notebook NB=...``). The
 kernel is the Python running this script, whatever kernelspecs are installed; its working directory
-is the notebook's folder (as under nbval), and PYTHONHASHSEED is fixed. No timing metadata is
+is the notebook's folder (as under nbval), PYTHONHASHSEED is fixed, and the CPU kernels are the
+portable ones that CI checks with (``mlcore.notebook.PORTABLE_CPU_ENV``). No timing metadata is
 written, so re-running an unchanged notebook leaves ``git diff`` empty apart from real changes.
 
 A cell that raises stops the run, prints the traceback and leaves the notebook file untouched
@@ -32,6 +33,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+from mlcore.notebook import PORTABLE_CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +85,7 @@ def run(path: Path, timeout: int) -> float:
     km = KernelManager(kernel_spec_manager=_CurrentEnvKernelSpecs(), kernel_name="python3")
     client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False, record_timing=False,
                             resources={"metadata": {"path": str(path.parent)}})
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", **PORTABLE_CPU_ENV}
     start = time.perf_counter()
     client.execute(env=env)
     seconds = time.perf_counter() - start

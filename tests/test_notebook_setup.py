@@ -87,3 +87,74 @@ def test_setup_leaves_other_settings_alone() -> None:
         backend = matplotlib.get_backend()
         setup(seed=0, device="cpu", verbose=False)
         assert matplotlib.get_backend() == backend
+
+
+# --- portable CPU kernels (MLCORE_PORTABLE_CPU=1): stored outputs reproduce on any x86-64 CPU -------
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mlcore.notebook import PORTABLE_CPU_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restore_kernels():
+    mkldnn, nnpack = torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
+    yield
+    torch.backends.mkldnn.enabled = mkldnn
+    torch.backends.nnpack.set_flags(nnpack)
+
+
+def test_portable_mode_switches_processor_specific_kernels_off(monkeypatch, restore_kernels):
+    monkeypatch.setenv("MLCORE_PORTABLE_CPU", "1")
+    with matplotlib.rc_context():
+        setup(seed=0, device="cpu", verbose=False)
+    assert torch.backends.mkldnn.enabled is False
+    assert torch._C._get_nnpack_enabled() is False
+
+
+def test_default_mode_leaves_torchs_kernels_alone(monkeypatch, restore_kernels):
+    monkeypatch.delenv("MLCORE_PORTABLE_CPU", raising=False)
+    torch.backends.mkldnn.enabled = True
+    with matplotlib.rc_context():
+        setup(seed=0, device="cpu", verbose=False)
+    assert torch.backends.mkldnn.enabled is True
+
+
+def test_portable_flag_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("MLCORE_PORTABLE_CPU", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1, got 'yes'"):
+        setup(seed=0, device="cpu", verbose=False)
+
+
+def test_makefile_gives_the_notebook_stages_the_portable_environment():
+    makefile = (ROOT / "Makefile").read_text()
+    line = re.search(r"^NB_ENV := (.*)$", makefile, re.MULTILINE)
+    assert line, "Makefile defines no NB_ENV"
+    assert dict(kv.split("=", 1) for kv in line.group(1).split()) == PORTABLE_CPU_ENV
+    nbval_runs = re.findall(r"^\t.*-m pytest --nbval.*$", makefile, re.MULTILINE)
+    assert len(nbval_runs) == 2 and all("env $(NB_ENV)" in run for run in nbval_runs), nbval_runs
+
+
+def test_run_notebook_kernels_get_the_portable_environment(tmp_path):
+    """scripts/run_notebook.py stores outputs computed the way CI checks them."""
+    import json
+
+    code = ("import os, torch\nfrom mlcore.notebook import setup\n_ = setup(verbose=False)\n"
+            "print(os.environ.get('MLCORE_PORTABLE_CPU'), torch.backends.mkldnn.enabled)")
+    nb = tmp_path / "env.ipynb"
+    nb.write_text(json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                   "source": [code]}],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU_ENV}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebook.py"), str(nb)],
+                   check=True, env=env, capture_output=True)
+    assert "1 False" in nb.read_text()
