@@ -35,7 +35,7 @@ export PYTHONHASHSEED := 0
 export JUPYTER_PLATFORM_DIRS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Notebook kernels compute convolutions with CPU kernels whose rounding does not depend on the
-# processor (an AMD EPYC and an Intel Xeon print the same digits): mlcore.notebook.PORTABLE_CPU_ENV,
+# processor (the stored outputs then do not depend on the CI machine's CPU): PORTABLE_CPU_ENV in mlcore.notebook,
 # which scripts/run_notebook.py sets too. Only the notebook stages get it: unit tests keep torch's
 # default kernels, the ones a user of mlcore gets.
 NB_ENV := MLCORE_PORTABLE_CPU=1

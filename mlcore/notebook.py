@@ -28,8 +28,8 @@ A float32 training run of a few hundred steps amplifies last-bit rounding differ
 ones (82.1% on one machine, 82.3% on another). By default torch computes CPU convolutions with
 oneDNN (or NNPACK for large batches), which choose their code paths and blockings by the
 processor's instruction set and cache sizes, so the same chapter with the same seeds printed
-different digits on an AMD EPYC and on an Intel Xeon: exactly the chapters that train
-convolutional networks. With ``MLCORE_PORTABLE_CPU=1`` in the environment, ``setup`` switches
+different digits on the AMD EPYC that stored it and on a CI machine with another processor:
+exactly the chapters that train convolutional networks. With ``MLCORE_PORTABLE_CPU=1`` in the environment, ``setup`` switches
 oneDNN and NNPACK off on the CPU, and convolutions run as im2col + an MKL matrix product. (MKL's
 own products printed the same digits on both processors: the chapters without convolutions
 reproduced on both as they were. ``MKL_CBWR=COMPATIBLE`` would pin them too, at 2-4x the cost of
@@ -88,7 +88,7 @@ def setup(seed: int = 0, *, device: str | torch.device | None = None, verbose: b
         The ``torch.device`` to put models and tasks on.
 
     With ``MLCORE_PORTABLE_CPU=1`` in the environment (``make test`` sets it), a CPU run uses
-    :func:`portable_cpu_kernels`, so that the stored outputs reproduce on any x86-64 CPU.
+    :func:`portable_cpu_kernels`, so that its convolutions round the same on every x86-64 CPU.
 
     The line printed reads ``mlcore 0.1.0 · torch 2.13.0+cpu · device cpu``. CI's sanitize file
     (``nbval_sanitize.cfg``) masks the two version numbers, so a version bump does not force
