@@ -89,7 +89,7 @@ def test_setup_leaves_other_settings_alone() -> None:
         assert matplotlib.get_backend() == backend
 
 
-# --- portable CPU kernels (MLCORE_PORTABLE_CPU=1): stored outputs reproduce on any x86-64 CPU -------
+# --- portable CPU kernels (MLCORE_PORTABLE_CPU=1): convolutions that round the same on any x86-64 CPU
 
 import os
 import re
